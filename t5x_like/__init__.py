@@ -1,0 +1,1 @@
+"""t5x_like: JAX/Flax transformer language models from one CPU to a TPU pod."""

@@ -1,0 +1,60 @@
+"""Dense projection over several axes with logical axis names on its kernel.
+
+Flax's `nn.DenseGeneral` initialises a flattened 2-D kernel and reshapes it, which cannot carry
+one logical name per kernel axis; this one builds the kernel in its real shape instead.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+from jax import lax
+
+Initializer = Callable[..., jnp.ndarray]
+default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def _as_tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, Sequence) else (x,)
+
+
+class DenseGeneral(nn.Module):
+    """y = x . W (+ b), contracting `axis` of x with the leading axes of W."""
+
+    features: int | Sequence[int]
+    kernel_axes: tuple[str, ...]
+    axis: int | Sequence[int] = -1
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x):
+        features = _as_tuple(self.features)
+        axis = tuple(a % x.ndim for a in _as_tuple(self.axis))
+        in_shape = tuple(x.shape[a] for a in axis)
+        kernel_shape = in_shape + features
+        if len(self.kernel_axes) != len(kernel_shape):
+            raise ValueError(f"kernel_axes {self.kernel_axes} do not match kernel shape {kernel_shape}")
+
+        def init(key, shape, dtype):
+            # Initialise as [fan_in, fan_out] so variance scaling sees the true fan-in.
+            flat = self.kernel_init(key, (int(np.prod(in_shape)), int(np.prod(features))), dtype)
+            return jnp.reshape(flat, shape)
+
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                            kernel_shape, self.param_dtype)
+        x = jnp.asarray(x, self.dtype)
+        kernel = jnp.asarray(kernel, self.dtype)
+        contract = (axis, tuple(range(len(axis))))
+        y = lax.dot_general(x, kernel, (contract, ((), ())))
+        if self.use_bias:
+            bias_axes = self.kernel_axes[len(in_shape):]
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
+                              features, self.param_dtype)
+            y = y + jnp.asarray(bias, self.dtype)
+        return y

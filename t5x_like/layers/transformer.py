@@ -1,0 +1,109 @@
+"""A transformer layer (self-attention, optional cross-attention, MLP) and a stack of them.
+
+The stack optionally scans over layers (one compiled body, params stacked on a `layers` axis) and
+rematerialises each layer with a named policy. Both are configured, never hard-wired.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from t5x_like.layers.attention import MultiHeadAttention
+from t5x_like.layers.mlp import Mlp
+from t5x_like.layers.norms import Norm
+from t5x_like.layers.positions import RelativePositionBias
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def dtypes(config):
+    return jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm (T5, GPT, LLaMA) or post-norm (BERT) residual layer."""
+
+    config: "TransformerConfig"  # noqa: F821 (any family's config)
+    has_cross_attention: bool = False
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask, bias=None, positions=None, encoded=None, cross_mask=None):
+        cfg = self.config
+        dtype, param_dtype = dtypes(cfg)
+        pre = cfg.norm_position == "pre"
+
+        def norm(name):
+            return Norm(cfg.norm_type, cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
+
+        def attention(name, rotary):
+            return MultiHeadAttention(
+                num_heads=cfg.num_heads, num_kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+                use_bias=cfg.use_bias, scale_scores=cfg.scale_attention_scores,
+                rotary_theta=cfg.rotary_theta if rotary else None, dropout_rate=cfg.dropout_rate,
+                deterministic=self.deterministic, dtype=dtype, param_dtype=param_dtype, name=name)
+
+        def residual(x, sublayer, norm_name):
+            h = sublayer(norm(norm_name)(x) if pre else x)
+            h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+            out = x + h if pre else norm(norm_name)(x + h)
+            return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+        rotary = cfg.position_embedding == "rotary"
+        x = residual(x, lambda h: attention("self_attention", rotary)(
+            h, h, mask, bias, positions, positions), "self_attention_norm")
+        if self.has_cross_attention:
+            x = residual(x, lambda h: attention("cross_attention", False)(
+                h, encoded, cross_mask), "cross_attention_norm")
+        mlp = Mlp(cfg.mlp_dim, cfg.mlp_activations, use_bias=cfg.use_bias, dropout_rate=cfg.dropout_rate,
+                  deterministic=self.deterministic, dtype=dtype, param_dtype=param_dtype, name="mlp")
+        x = residual(x, mlp, "mlp_norm")
+        return (x, None) if cfg.scan_layers else x
+
+
+class TransformerStack(nn.Module):
+    """num_layers TransformerLayers, the T5 relative bias shared by all of them, a final norm."""
+
+    config: "TransformerConfig"  # noqa: F821
+    num_layers: int
+    has_cross_attention: bool = False
+    causal: bool = False
+
+    @nn.compact
+    def __call__(self, x, mask, positions=None, encoded=None, cross_mask=None, deterministic=True):
+        cfg = self.config
+        dtype, param_dtype = dtypes(cfg)
+        bias = None
+        if cfg.position_embedding == "relative":
+            length = x.shape[1]
+            bias = RelativePositionBias(cfg.relative_num_buckets, cfg.relative_max_distance, cfg.num_heads,
+                                        bidirectional=not self.causal, dtype=dtype, param_dtype=param_dtype,
+                                        name="relpos_bias")(length, length)
+
+        layer_cls = TransformerLayer
+        if cfg.remat_policy != "none":
+            layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat_policy],
+                                 prevent_cse=not cfg.scan_layers)
+        args = (mask, bias, positions, encoded, cross_mask)
+        make = lambda cls, name: cls(cfg, self.has_cross_attention, deterministic, name=name)  # noqa: E731
+        if cfg.scan_layers:
+            scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                              in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
+                              metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = make(scanned, "layers")(x, *args)
+        else:
+            for i in range(self.num_layers):
+                x = make(layer_cls, f"layers_{i}")(x, *args)
+
+        if cfg.norm_position == "pre":
+            x = Norm(cfg.norm_type, cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+        return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)

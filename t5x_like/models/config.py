@@ -1,0 +1,120 @@
+"""Architecture configs: one frozen dataclass per model family.
+
+Configs are hashable so Flax modules can hold them as attributes, and every field is a plain
+Python value so gin can bind it (`DecoderOnlyConfig.num_layers = 12`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import gin
+
+POSITION_EMBEDDINGS = ("relative", "rotary", "learned", "sinusoidal", "none")
+NORM_TYPES = ("rms", "layer")
+NORM_POSITIONS = ("pre", "post")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "linear")
+REMAT_POLICIES = ("none", "full", "minimal", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which field and what to use instead."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Fields shared by all families. Defaults are T5.1.1-small-like."""
+
+    vocab_size: int = 32128
+    d_model: int = 512
+    num_heads: int = 8
+    # Grouped-query attention: key/value heads shared by num_heads // num_kv_heads query heads.
+    # None means multi-head attention (num_kv_heads == num_heads); 1 is multi-query.
+    num_kv_heads: Optional[int] = None
+    head_dim: int = 64
+    mlp_dim: int = 2048
+    # One entry per input projection; more than one means a gated MLP whose branches are multiplied
+    # (('gelu_tanh', 'linear') is GeGLU as in T5.1.1, ('silu', 'linear') is SwiGLU as in LLaMA).
+    mlp_activations: tuple[str, ...] = ("relu",)
+    norm_type: str = "rms"
+    norm_epsilon: float = 1e-6
+    norm_position: str = "pre"
+    use_bias: bool = False
+    position_embedding: str = "relative"
+    max_position_embeddings: int = 512
+    rotary_theta: float = 10000.0
+    relative_num_buckets: int = 32
+    relative_max_distance: int = 128
+    # T5 folds 1/sqrt(head_dim) into the query initialisation instead of scaling scores.
+    scale_attention_scores: bool = True
+    sliding_window: Optional[int] = None
+    tie_embeddings: bool = True
+    # T5 v1.0 multiplies decoder outputs by d_model**-0.5 before the tied projection.
+    scale_tied_logits: bool = False
+    dropout_rate: float = 0.0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        def check(ok, msg):
+            if not ok:
+                raise ConfigError(f"{type(self).__name__}: {msg}")
+
+        object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+        for name in ("vocab_size", "d_model", "num_heads", "head_dim", "mlp_dim"):
+            check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        kv = self.kv_heads
+        check(kv > 0 and self.num_heads % kv == 0,
+              f"num_heads={self.num_heads} is not a multiple of num_kv_heads={kv}; "
+              "pick num_kv_heads dividing num_heads")
+        check(self.position_embedding in POSITION_EMBEDDINGS,
+              f"position_embedding={self.position_embedding!r}; use one of {POSITION_EMBEDDINGS}")
+        check(self.norm_type in NORM_TYPES, f"norm_type={self.norm_type!r}; use one of {NORM_TYPES}")
+        check(self.norm_position in NORM_POSITIONS,
+              f"norm_position={self.norm_position!r}; use one of {NORM_POSITIONS}")
+        check(len(self.mlp_activations) >= 1 and all(a in ACTIVATIONS for a in self.mlp_activations),
+              f"mlp_activations={self.mlp_activations}; each must be one of {ACTIVATIONS}")
+        check(self.remat_policy in REMAT_POLICIES,
+              f"remat_policy={self.remat_policy!r}; use one of {REMAT_POLICIES}")
+        for name in ("dtype", "param_dtype"):
+            check(getattr(self, name) in DTYPES, f"{name}={getattr(self, name)!r}; use one of {DTYPES}")
+        check(self.position_embedding != "rotary" or self.head_dim % 2 == 0,
+              f"rotary positions need an even head_dim, got {self.head_dim}")
+        check(0.0 <= self.dropout_rate < 1.0, f"dropout_rate={self.dropout_rate} must be in [0, 1)")
+        check(self.sliding_window is None or self.sliding_window > 0,
+              f"sliding_window={self.sliding_window} must be positive or None")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class EncoderDecoderConfig(TransformerConfig):
+    num_encoder_layers: int = 8
+    num_decoder_layers: int = 8
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DecoderOnlyConfig(TransformerConfig):
+    num_layers: int = 8
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class EncoderOnlyConfig(TransformerConfig):
+    num_layers: int = 8
+    # BERT: segment (token type) embeddings, a norm after the embeddings, and a masked-LM head
+    # (dense + activation + norm, then the output projection with a bias).
+    type_vocab_size: int = 2
+    embedding_norm: bool = True
+    mlm_head_activation: str = "gelu"

@@ -1,0 +1,56 @@
+"""BERT-style encoder with a masked-LM head."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from t5x_like.layers.attention import make_encoder_mask
+from t5x_like.layers.dense import DenseGeneral
+from t5x_like.layers.embeddings import Embed
+from t5x_like.layers.mlp import ACTIVATION_FNS
+from t5x_like.layers.norms import Norm
+from t5x_like.layers.transformer import TransformerStack, dtypes
+from t5x_like.models.config import EncoderOnlyConfig
+from t5x_like.models.network_base import NetworkBase, default_positions
+
+
+class EncoderOnly(NetworkBase):
+    config: EncoderOnlyConfig
+
+    def setup(self):
+        cfg = self.config
+        dtype, param_dtype = dtypes(cfg)
+        self.setup_embeddings()
+        if cfg.type_vocab_size:
+            self.type_embed = Embed(cfg.type_vocab_size, cfg.d_model, axes=("token_types", "embed"),
+                                    embedding_init=nn.initializers.normal(0.02), dtype=dtype,
+                                    param_dtype=param_dtype)
+        if cfg.embedding_norm:
+            self.embed_norm = Norm(cfg.norm_type, cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype)
+        self.encoder = TransformerStack(cfg, cfg.num_layers, causal=False)
+        self.mlm_transform = DenseGeneral(cfg.d_model, ("embed", "mlp"), use_bias=True, dtype=dtype,
+                                          param_dtype=param_dtype)
+        self.mlm_norm = Norm(cfg.norm_type, cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype)
+        self.mlm_bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                                   (cfg.vocab_size,), param_dtype)
+
+    def encode(self, encoder_input_tokens, encoder_segment_ids=None, encoder_positions=None,
+               encoder_token_types=None, deterministic: bool = True):
+        cfg = self.config
+        positions = default_positions(encoder_input_tokens, encoder_positions)
+        types = None
+        if cfg.type_vocab_size:
+            types = self.type_embed(encoder_input_tokens * 0 if encoder_token_types is None else encoder_token_types)
+        x = self.embed(encoder_input_tokens, positions, deterministic, extra=types)
+        if cfg.embedding_norm:
+            x = self.embed_norm(x)
+        x = self.dropout(x, deterministic)
+        mask = make_encoder_mask(encoder_input_tokens, encoder_segment_ids)
+        return self.encoder(x, mask, positions, deterministic=deterministic)
+
+    def __call__(self, encoder_input_tokens, encoder_segment_ids=None, encoder_positions=None,
+                 encoder_token_types=None, deterministic: bool = True):
+        x = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions, encoder_token_types,
+                        deterministic)
+        x = self.mlm_norm(ACTIVATION_FNS[self.config.mlm_head_activation](self.mlm_transform(x)))
+        return self.logits(x) + self.mlm_bias
