@@ -1,0 +1,1 @@
+"""Hugging Face converter: bert (being written)."""

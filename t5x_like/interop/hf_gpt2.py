@@ -1,0 +1,1 @@
+"""Hugging Face converter: gpt2 (being written)."""

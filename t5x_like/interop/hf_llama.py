@@ -1,0 +1,1 @@
+"""Hugging Face converter: llama (being written)."""

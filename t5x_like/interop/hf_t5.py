@@ -1,0 +1,1 @@
+"""Hugging Face converter: t5 (being written)."""
