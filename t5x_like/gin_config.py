@@ -1,0 +1,74 @@
+"""Gin plumbing shared by every mode: file search, overrides, the MODEL macro, writing configs.
+
+Run configs name gin files (searched in the working directory and this repository's `gin/`) and
+`--gin.NAME=VALUE` overrides; the model comes from the `MODEL` macro, as in T5X.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterable, Sequence
+
+import gin
+
+import t5x_like.models  # noqa: F401  (registers the configurables gin files name)
+
+REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+
+class GinConfigError(ValueError):
+    """A gin file or binding that cannot be used; the message names it and what to do."""
+
+
+@gin.configurable
+def model_from_macro(model=gin.REQUIRED):
+    return model
+
+
+def resolve_gin_file(name: str) -> str:
+    """`name` as given, or relative to the repository's `gin/` folder or root."""
+    for candidate in (name, os.path.join(REPO_GIN_DIR, name), os.path.join(os.path.dirname(REPO_GIN_DIR), name)):
+        if os.path.isfile(candidate):
+            return candidate
+    raise GinConfigError(f"gin file {name!r} not found (looked in the working directory and {REPO_GIN_DIR})")
+
+
+def parse(gin_files: Sequence[str] = (), bindings: Iterable[str] = ()) -> None:
+    """Parse files then overrides, replacing any config parsed before."""
+    gin.clear_config()
+    resolved = [resolve_gin_file(f) for f in gin_files]
+    try:
+        gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
+    except (ValueError, SyntaxError) as e:
+        where = " ".join(line.strip() for line in str(e).strip().splitlines()[1:3])
+        msg = str(e).strip().splitlines()[0] + (f" ({where})" if where else "")
+        raise GinConfigError(f"bad gin config: {msg}; check the configurable and parameter names "
+                             "(e.g. `DecoderOnlyConfig.num_layers = 4`)") from None
+
+
+def model_from_gin():
+    """Build the model the parsed config's MODEL macro describes."""
+    try:
+        gin.parse_config("model_from_macro.model = %MODEL")
+        return model_from_macro()
+    except (ValueError, KeyError, TypeError) as e:
+        msg = str(e).strip().splitlines()[0]
+        if "MODEL" in msg or "macro" in msg.lower():
+            raise GinConfigError("no MODEL defined: add a model gin file, e.g. "
+                                 "--gin_file=gin/models/llama_tiny.gin") from None
+        raise GinConfigError(f"cannot build MODEL from the gin config: {msg}") from None
+
+
+def model_gin_text(model, header: str = "") -> str:
+    """A gin file that rebuilds `model` (its wrapper class and every config field)."""
+    config = model.config
+    cfg_name, model_name = type(config).__name__, type(model).__name__
+    lines = [f"# {line}" for line in header.splitlines()] + [
+        "import t5x_like.models", "",
+        f"MODEL = @{model_name}()",
+        f"{model_name}.config = @{cfg_name}()",
+    ]
+    for field in dataclasses.fields(config):
+        lines.append(f"{cfg_name}.{field.name} = {getattr(config, field.name)!r}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,82 @@
+"""One entry point: `python -m t5x_like.main MODE [--gin_file=F ...] [--gin.NAME=VALUE ...] [--flag=value]`.
+
+Modes:
+  demo       build each model family from gin, count parameters, run a forward pass
+  import_hf  --hf_dir=DIR --output_dir=DIR: convert a Hugging Face checkpoint (safetensors) into an
+             Orbax checkpoint plus a gin file that rebuilds the architecture
+
+A user error prints one line `error: ...` and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+MODES = ("demo", "import_hf")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m t5x_like.main", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=MODES)
+    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+    parser.add_argument("--hf_dir", help="import_hf: folder written by transformers' save_pretrained")
+    parser.add_argument("--output_dir", help="import_hf: where the checkpoint and model.gin go")
+    args, rest = parser.parse_known_args(argv)
+    bindings = []
+    for item in rest:
+        if item.startswith("--gin.") and "=" in item:
+            name, value = item[len("--gin."):].split("=", 1)
+            bindings.append(f"{name} = {value}")
+        else:
+            raise UsageError(f"unknown argument {item!r}; use --gin_file=F, --gin.NAME=VALUE or a mode flag")
+    return args, bindings
+
+
+def import_hf(hf_dir: str, output_dir: str) -> None:
+    from t5x_like import gin_config
+    from t5x_like.interop import hf
+    from t5x_like.training import checkpointing
+
+    if not hf_dir or not output_dir:
+        raise UsageError("import_hf needs --hf_dir=DIR (a save_pretrained folder) and --output_dir=DIR")
+    model, variables = hf.load(hf_dir)
+    ckpt_dir = os.path.join(output_dir, "checkpoints")
+    if os.path.exists(ckpt_dir) and os.listdir(ckpt_dir):
+        raise UsageError(f"{ckpt_dir} already holds checkpoints; choose an empty --output_dir")
+    step_dir = checkpointing.save_params(ckpt_dir, 0, variables["params"])
+    gin_file = os.path.join(output_dir, "model.gin")
+    with open(gin_file, "w") as f:
+        f.write(gin_config.model_gin_text(model, f"Imported from Hugging Face checkpoint {os.path.abspath(hf_dir)}"))
+    print(f"{type(model).__name__}: {model.num_params(variables):,} params")
+    print(f"checkpoint: {step_dir}\ngin file:   {gin_file}")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from t5x_like.gin_config import GinConfigError
+    from t5x_like.interop.hf import HFInteropError
+    from t5x_like.models.config import ConfigError
+    from t5x_like.training.checkpointing import CheckpointError
+
+    try:
+        args, bindings = parse_args(argv)
+        if args.mode == "demo":
+            from t5x_like import demo
+            demo.run(args.gin_file, bindings)
+        elif args.mode == "import_hf":
+            import_hf(args.hf_dir, args.output_dir)
+    except (UsageError, GinConfigError, HFInteropError, ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

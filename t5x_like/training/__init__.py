@@ -1,0 +1,1 @@
+"""Train state, optimisers, the train/eval steps and loop, checkpointing, metric writers."""
