@@ -77,6 +77,8 @@ class Converter:
     params_to_hf: Callable[[dict, Any], dict]        # params tree -> {hf_name: array}
     can_export: Callable[[Any], bool]                # whether this converter writes that config
     ignored_weights: tuple[str, ...] = ()            # regexes of HF weights with no counterpart
+    # Optional (config, reader) -> config, for facts only the weights show (T5: is lm_head tied?).
+    config_from_weights: Optional[Callable[[Any, WeightReader], Any]] = None
 
 
 _REGISTRY: list[Converter] = []
@@ -200,8 +202,11 @@ def load(path: str, **config_overrides) -> tuple[BaseModel, dict]:
     path = os.fspath(path)
     hf_config = read_hf_config(path)
     conv = _converter_for_hf(hf_config, path)
-    config = conv.config_from_hf(hf_config).replace(**config_overrides)
+    config = conv.config_from_hf(hf_config)
     reader = WeightReader(read_safetensors(path), path)
+    if conv.config_from_weights is not None:
+        config = conv.config_from_weights(config, reader)
+    config = config.replace(**config_overrides)
     params = conv.params_from_hf(reader, config)
     unused = reader.unused(conv.ignored_weights)
     if unused:

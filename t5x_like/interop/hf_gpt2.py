@@ -49,7 +49,10 @@ def _prefix(reader: hf.WeightReader) -> str:
 
 def params_from_hf(reader: hf.WeightReader, c: DecoderOnlyConfig) -> dict:
     d, h, hd, m, p = c.d_model, c.num_heads, c.head_dim, c.mlp_dim, _prefix(reader)
-    ln = lambda name: {"scale": reader.get(f"{name}.weight", (d,)), "bias": reader.get(f"{name}.bias", (d,))}  # noqa: E731
+
+    def ln(name):
+        return {"scale": reader.get(f"{name}.weight", (d,)), "bias": reader.get(f"{name}.bias", (d,))}
+
     decoder = {"final_norm": ln(f"{p}ln_f")}
     for i in range(c.num_layers):
         b = f"{p}h.{i}"

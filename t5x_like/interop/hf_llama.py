@@ -70,14 +70,17 @@ def _layer_names(i: int) -> dict[str, str]:
 def params_from_hf(reader: hf.WeightReader, c: DecoderOnlyConfig) -> dict:
     d, h, kv, hd, m = c.d_model, c.num_heads, c.kv_heads, c.head_dim, c.mlp_dim
     decoder = {"final_norm": {"scale": reader.get("model.norm.weight", (d,))}}
+
+    def proj(name, heads):
+        # torch Linear weights are [out, in]; our kernels are [in, ...out] with heads split.
+        return reader.get(name, (heads * hd, d)).T.reshape(d, heads, hd)
+
     for i in range(c.num_layers):
         n = _layer_names(i)
-        # torch Linear weights are [out, in]; our kernels are [in, ...out] with heads split.
-        proj = lambda name, heads: reader.get(n[name], (heads * hd, d)).T.reshape(d, heads, hd)  # noqa: E731
         decoder[f"layers_{i}"] = {
             "self_attention_norm": {"scale": reader.get(n["ln1"], (d,))},
-            "self_attention": {"query": {"kernel": proj("q", h)}, "key": {"kernel": proj("k", kv)},
-                               "value": {"kernel": proj("v", kv)},
+            "self_attention": {"query": {"kernel": proj(n["q"], h)}, "key": {"kernel": proj(n["k"], kv)},
+                               "value": {"kernel": proj(n["v"], kv)},
                                "out": {"kernel": reader.get(n["o"], (d, h * hd)).T.reshape(h, hd, d)}},
             "mlp_norm": {"scale": reader.get(n["ln2"], (d,))},
             "mlp": {"wi_0": {"kernel": reader.get(n["gate"], (m, d)).T},
@@ -92,8 +95,7 @@ def params_from_hf(reader: hf.WeightReader, c: DecoderOnlyConfig) -> dict:
 
 
 def params_to_hf(params: dict, c: DecoderOnlyConfig) -> dict[str, np.ndarray]:
-    d, hd = c.d_model, c.head_dim
-    dec = params["decoder"]
+    d, dec = c.d_model, params["decoder"]
     out = {"model.embed_tokens.weight": params["token_embed"]["embedding"],
            "model.norm.weight": dec["final_norm"]["scale"]}
     for i in range(c.num_layers):
