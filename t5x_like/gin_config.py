@@ -7,6 +7,7 @@ Run configs name gin files (searched in the working directory and this repositor
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Iterable, Sequence
 
@@ -38,13 +39,17 @@ def parse(gin_files: Sequence[str] = (), bindings: Iterable[str] = ()) -> None:
     """Parse files then overrides, replacing any config parsed before."""
     gin.clear_config()
     resolved = [resolve_gin_file(f) for f in gin_files]
+    gin.add_config_file_search_path(REPO_GIN_DIR)  # for `include 'models/...'` inside gin files
+    logging.disable(logging.ERROR)  # gin logs every search-path miss of an include as an error
     try:
         gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
-    except (ValueError, SyntaxError) as e:
+    except (ValueError, SyntaxError, OSError) as e:
         where = " ".join(line.strip() for line in str(e).strip().splitlines()[1:3])
         msg = str(e).strip().splitlines()[0] + (f" ({where})" if where else "")
         raise GinConfigError(f"bad gin config: {msg}; check the configurable and parameter names "
                              "(e.g. `DecoderOnlyConfig.num_layers = 4`)") from None
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def model_from_gin():
