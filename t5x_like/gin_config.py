@@ -39,7 +39,10 @@ def parse(gin_files: Sequence[str] = (), bindings: Iterable[str] = ()) -> None:
     """Parse files then overrides, replacing any config parsed before."""
     gin.clear_config()
     resolved = [resolve_gin_file(f) for f in gin_files]
-    gin.add_config_file_search_path(REPO_GIN_DIR)  # for `include 'models/...'` inside gin files
+    # `include 'models/...'` inside gin files must find our gin/ first: gin's fallback reader
+    # treats `models` as a Python package name and crashes on namespace packages of that name.
+    if REPO_GIN_DIR not in gin.config._LOCATION_PREFIXES:
+        gin.config._LOCATION_PREFIXES.insert(0, REPO_GIN_DIR)
     logging.disable(logging.ERROR)  # gin logs every search-path miss of an include as an error
     try:
         gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
