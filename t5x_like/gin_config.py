@@ -55,6 +55,26 @@ def parse(gin_files: Sequence[str] = (), bindings: Iterable[str] = ()) -> None:
         logging.disable(logging.NOTSET)
 
 
+REQUIRED_MACROS = ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "TRAIN_STEPS", "BATCH_SIZE",
+                   "CHECKPOINT_DIR", "INITIAL_CHECKPOINT")
+
+
+def check_required_macros(names: Sequence[str] = REQUIRED_MACROS) -> None:
+    """Macros a run file declares `%gin.REQUIRED` must be set; gin itself would pass the marker on."""
+    missing = []
+    for name in names:
+        try:
+            value = gin.query_parameter(f"%{name}")
+        except ValueError:  # not declared by the parsed files: not needed by this run
+            continue
+        if isinstance(value, gin.config.ConfigurableReference) and "REQUIRED" in repr(value):
+            missing.append(name)
+    if missing:
+        example = " ".join(f"--gin.{n}=..." for n in missing)
+        raise GinConfigError(f"missing required gin macro(s) {', '.join(missing)}: set them in a gin file "
+                             f"or on the command line ({example})")
+
+
 def model_from_gin():
     """Build the model the parsed config's MODEL macro describes."""
     try:

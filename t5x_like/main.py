@@ -1,6 +1,9 @@
 """One entry point: `python -m t5x_like.main MODE [--gin_file=F ...] [--gin.NAME=VALUE ...] [--flag=value]`.
 
 Modes:
+  train      train (or resume) the run the gin files describe (gin/runs/pretrain.gin, finetune.gin)
+  eval       validation perplexity of a checkpoint (gin/runs/eval.gin)
+  plot       --run_dir=DIR (repeatable) --output=PNG: loss and perplexity curves of runs
   demo       build each model family from gin, count parameters, run a forward pass
   import_hf  --hf_dir=DIR --output_dir=DIR: convert a Hugging Face checkpoint (safetensors) into an
              Orbax checkpoint plus a gin file that rebuilds the architecture
@@ -14,7 +17,7 @@ import argparse
 import os
 import sys
 
-MODES = ("demo", "import_hf")
+MODES = ("train", "eval", "plot", "demo", "import_hf")
 
 
 class UsageError(ValueError):
@@ -28,6 +31,8 @@ def parse_args(argv):
     parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
     parser.add_argument("--hf_dir", help="import_hf: folder written by transformers' save_pretrained")
     parser.add_argument("--output_dir", help="import_hf: where the checkpoint and model.gin go")
+    parser.add_argument("--run_dir", action="append", default=[], help="plot: a run's MODEL_DIR (repeatable)")
+    parser.add_argument("--output", help="plot: the PNG to write")
     args, rest = parser.parse_known_args(argv)
     bindings = []
     for item in rest:
@@ -58,21 +63,53 @@ def import_hf(hf_dir: str, output_dir: str) -> None:
     print(f"checkpoint: {step_dir}\ngin file:   {gin_file}")
 
 
+def run_gin_mode(mode: str, gin_files, bindings) -> None:
+    import gin
+
+    from t5x_like import gin_config
+    from t5x_like.training import trainer
+
+    if not gin_files:
+        raise UsageError(f"{mode} needs gin files, e.g. --gin_file=models/t5_1_1_tiny.gin "
+                         f"--gin_file=runs/{'pretrain' if mode == 'train' else 'eval'}.gin")
+    gin_config.parse(gin_files, bindings)
+    gin_config.check_required_macros()
+    model = gin_config.model_from_gin()
+    text = gin.config_str()
+    run = trainer.train if mode == "train" else trainer.evaluate
+    results = run(model=model, gin_config_text=text)
+    for task, values in results.items():
+        print(f"validation {task}: " + " ".join(f"{k}={v:.4f}" for k, v in values.items()))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from t5x_like.gin_config import GinConfigError
     from t5x_like.interop.hf import HFInteropError
     from t5x_like.models.config import ConfigError
+    from t5x_like.partitioning import MeshError
     from t5x_like.training.checkpointing import CheckpointError
+    from t5x_like.training.trainer import TrainingDivergedError, TrainingInterrupted
 
     try:
         args, bindings = parse_args(argv)
-        if args.mode == "demo":
+        if args.mode in ("train", "eval"):
+            run_gin_mode(args.mode, args.gin_file, bindings)
+        elif args.mode == "plot":
+            from t5x_like.training.plotting import plot_runs
+            if not args.run_dir or not args.output:
+                raise UsageError("plot needs --run_dir=DIR (one or more) and --output=FILE.png")
+            print(plot_runs(args.run_dir, args.output))
+        elif args.mode == "demo":
             from t5x_like import demo
             demo.run(args.gin_file, bindings)
         elif args.mode == "import_hf":
             import_hf(args.hf_dir, args.output_dir)
-    except (UsageError, GinConfigError, HFInteropError, ConfigError, CheckpointError, FileNotFoundError) as e:
+    except TrainingInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 0
+    except (UsageError, GinConfigError, HFInteropError, ConfigError, CheckpointError, MeshError,
+            TrainingDivergedError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -44,6 +44,12 @@ def _key_name(k) -> str:
     return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
 
 
+@gin.configurable
+def constant_schedule(learning_rate: float = 1e-3) -> Schedule:
+    """A fixed rate, as T5 fine-tuning uses with Adafactor (0.001)."""
+    return optax.constant_schedule(learning_rate)
+
+
 def decay_mask(params, decay_embeddings: bool = False):
     """True where weight decay applies, decided by parameter path names.
 

@@ -1,0 +1,255 @@
+"""The training loop: per-host data -> sharded jitted steps -> metrics, evaluation, checkpoints.
+
+Every run is resumable: rerunning the same command restores the latest good checkpoint in
+MODEL_DIR (params, optimizer state, step, rng and each host's data-iterator position), so a run
+killed at any point continues bitwise identically. SIGTERM saves and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from typing import Callable, Mapping, Optional
+
+import gin
+import jax
+import numpy as np
+
+from t5x_like import evaluation, partitioning
+from t5x_like.data import iterators as data_iterators
+from t5x_like.training import flops as flops_lib
+from t5x_like.training import steps
+from t5x_like.training.checkpointing import Checkpointer, restore_params
+from t5x_like.training.metrics_writer import MetricsWriter
+from t5x_like.training.train_state import TrainState, init_fn, train_state_logical_axes
+
+log = logging.getLogger(__name__)
+
+SUM_METRICS = ("nll_sum", "z_loss", "tokens", "correct")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or gradient became NaN/Inf; the last checkpoint before it is intact."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM arrived; the state was saved."""
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks between steps (saving mid-step is impossible)."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _write_gin(model_dir: str, name: str, text: str) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(model_dir, name), "w") as f:
+            f.write(text)
+
+
+def _batch_shapes(iterator, global_batch: int) -> dict:
+    return {k: (global_batch,) + tuple(v.shape[1:]) for k, v in iterator.element_spec.items()}
+
+
+def _step_scalars(window: list[dict], seconds: float, flops_per_step: float, peak: float) -> dict:
+    """Train metrics of the logged window: means of per-step values, ratios of summed ones."""
+    sums = {k: sum(float(m[k]) for m in window) for k in SUM_METRICS}
+    tokens = max(sums["tokens"], 1.0)
+    nll = sums["nll_sum"] / tokens
+    out = {"loss": float(np.mean([m["loss"] for m in window])), "nll": nll,
+           "perplexity": math.exp(min(nll, 700.0)), "z_loss": sums["z_loss"] / tokens,
+           "accuracy": sums["correct"] / tokens, "grad_norm": float(np.mean([m["grad_norm"] for m in window])),
+           "step_time_s": seconds / len(window), "tokens_per_s": sums["tokens"] / seconds}
+    if "learning_rate" in window[-1]:
+        out["learning_rate"] = float(window[-1]["learning_rate"])
+    if peak > 0:
+        out["mfu"] = flops_per_step * len(window) / seconds / peak
+    return out
+
+
+@gin.configurable(denylist=["gin_config_text"])
+def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
+          task_feature_lengths: Mapping[str, int] = gin.REQUIRED, train_steps: int = gin.REQUIRED,
+          batch_size: int = gin.REQUIRED, optimizer=gin.REQUIRED, seed: int = 0,
+          mesh_fn: Callable = partitioning.create_mesh, num_microbatches: int = 1, z_loss: float = 1e-4,
+          label_smoothing: float = 0.0, dropout: bool = True, pack: bool = True, log_every: int = 10,
+          eval_every: int = 100, eval_batches: Optional[int] = 20, checkpoint_every: int = 100,
+          keep_last: int = 3, keep_best: int = 1, async_checkpoints: bool = True,
+          init_checkpoint: Optional[str] = None, measure_peak: bool = True, progress: bool = True,
+          gin_config_text: str = "") -> dict:
+    """Train until `train_steps` (resuming from MODEL_DIR); returns the last eval results.
+
+    batch_size is global (all hosts); each host feeds batch_size / process_count rows of its own
+    data shard. `init_checkpoint` (fine-tuning) seeds params from another run's checkpoint
+    directory when MODEL_DIR has none yet.
+    """
+    model_dir = os.path.abspath(os.fspath(model_dir))
+    os.makedirs(model_dir, exist_ok=True)
+    evaluation.check_task(mixture_or_task_name)
+    mesh = mesh_fn()
+    partitioning.check_batch_size(batch_size, mesh)
+    if batch_size % jax.process_count():
+        raise partitioning.MeshError(f"batch size {batch_size} is not divisible by {jax.process_count()} hosts")
+    _write_gin(model_dir, "config.gin", gin_config_text)
+
+    iterator = data_iterators.get_iterator(mixture_or_task_name, task_feature_lengths, split="train",
+                                           batch_size=batch_size // jax.process_count(), shuffle=True,
+                                           seed=seed, pack=pack)
+    batch_shapes = _batch_shapes(iterator, batch_size)
+    abstract = TrainState.abstract(model, optimizer, batch_shapes)
+    with partitioning.activation_context(mesh):
+        logical = train_state_logical_axes(model, abstract, batch_shapes)
+        state_shardings = partitioning.logical_to_sharding(logical, mesh)
+    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract, state_shardings)
+
+    checkpointer = Checkpointer(os.path.join(model_dir, "checkpoints"), save_interval_steps=checkpoint_every,
+                                keep_last=keep_last, keep_best=keep_best, async_save=async_checkpoints)
+    restored = checkpointer.restore_latest(target)
+    if restored is not None:
+        state = restored.state
+        if restored.data_state is not None:
+            iterator.restore(restored.data_state)
+        log.info("resumed from %s step %d", checkpointer.directory, restored.step)
+    else:
+        with partitioning.activation_context(mesh):
+            state = jax.jit(init_fn(model, optimizer, batch_shapes), out_shardings=state_shardings)(
+                jax.random.key_data(jax.random.key(seed)))
+        if init_checkpoint:
+            params = restore_params(os.path.join(init_checkpoint, "checkpoints")
+                                    if os.path.isdir(os.path.join(init_checkpoint, "checkpoints"))
+                                    else init_checkpoint, target=target.params)
+            state = state.replace(params=params)
+    start = int(jax.device_get(state.step))
+
+    train_step = steps.make_train_step(
+        model, optimizer, num_microbatches=num_microbatches, z_loss=z_loss, label_smoothing=label_smoothing,
+        dropout=dropout, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None))
+    # Compile before the loop so step times (and MFU) never include compilation.
+    batch_target = {k: jax.ShapeDtypeStruct(shape, iterator.element_spec[k].dtype.as_numpy_dtype,
+                                            sharding=partitioning.batch_sharding(mesh, len(shape)))
+                    for k, shape in batch_shapes.items()}
+    with partitioning.activation_context(mesh):
+        train_step = train_step.lower(target, batch_target).compile()
+    evaluator = evaluation.Evaluator(model, mixture_or_task_name, task_feature_lengths, batch_size, mesh,
+                                     param_shardings=state_shardings.params, max_batches=eval_batches, seed=seed)
+    lengths = {k: v[1] for k, v in batch_shapes.items()}
+    flops_per_step = flops_lib.train_flops_per_example(model, abstract.params, lengths) * batch_size
+    peak = flops_lib.measure_matmul_peak() if measure_peak else 0.0
+    writer = MetricsWriter(model_dir, total_steps=train_steps, initial_step=start, progress=progress)
+    if start == 0 and gin_config_text:
+        writer.write_text(0, "gin_config", gin_config_text)
+
+    pending: list[tuple[int, dict]] = []   # per-step metrics still on device
+    window: list[dict] = []                 # fetched metrics since the last log line
+    window_start = time.perf_counter()
+    last_eval: dict = {}
+
+    def drain() -> None:
+        """Fetch pending metrics; stop at the first non-finite step (before anything is saved)."""
+        for step_no, m in jax.device_get(pending):
+            if not bool(m["is_finite"]):
+                raise TrainingDivergedError(
+                    f"loss or gradient became NaN/Inf at step {step_no}; the last checkpoint "
+                    f"(step {checkpointer.latest_step()}) is intact. Lower the learning rate, enable "
+                    "z_loss or gradient clipping, then rerun the same command to resume")
+            window.append(m)
+        pending.clear()
+
+    def save(step_no: int, force: bool = False, metrics: Optional[dict] = None) -> None:
+        if force or checkpointer.should_save(step_no):
+            drain()
+            checkpointer.save(step_no, state, data_state=iterator.state(), gin_config=gin_config_text,
+                              metrics=metrics, force=force)
+
+    try:
+        with _SigtermFlag() as sigterm, partitioning.activation_context(mesh):
+            for step_no in range(start + 1, train_steps + 1):
+                try:
+                    host_batch = next(iterator)
+                except StopIteration:
+                    raise RuntimeError(f"training data of {mixture_or_task_name!r} ran out at step {step_no}")
+                batch = data_iterators.to_global_batch(host_batch, mesh)
+                state, metrics = train_step(state, batch)
+                pending.append((step_no, metrics))
+
+                if step_no % log_every == 0 or step_no == train_steps:
+                    drain()
+                    seconds = time.perf_counter() - window_start
+                    scalars = _step_scalars(window, seconds, flops_per_step, peak)
+                    writer.write_scalars(step_no, scalars, "train")
+                    writer.update_progress(step_no, tokens=int(sum(float(m["tokens"]) for m in window)),
+                                           loss=scalars["loss"])
+                    window.clear()
+                    window_start = time.perf_counter()
+                eval_metrics = None
+                if eval_every and (step_no % eval_every == 0 or step_no == train_steps):
+                    drain()
+                    last_eval = evaluator.evaluate(state.params)
+                    for task, values in last_eval.items():
+                        split = "eval" if task in ("all",) or len(last_eval) == 1 else f"eval/{task}"
+                        writer.write_scalars(step_no, values, split)
+                    eval_metrics = {"perplexity": next(iter(last_eval.values()))["perplexity"]
+                                    if "all" not in last_eval else last_eval["all"]["perplexity"]}
+                    window_start = time.perf_counter()
+                save(step_no, force=step_no == train_steps, metrics=eval_metrics)
+                if sigterm.raised:
+                    save(step_no, force=True, metrics=eval_metrics)
+                    checkpointer.wait_until_finished()
+                    raise TrainingInterrupted(f"SIGTERM: saved step {step_no} to {checkpointer.directory}; "
+                                              "rerun the same command to resume")
+            drain()
+        checkpointer.wait_until_finished()
+        _write_gin(model_dir, "operative_config.gin", gin.operative_config_str())
+    finally:
+        writer.close()
+        checkpointer.close()
+    return last_eval
+
+
+@gin.configurable(denylist=["gin_config_text"])
+def evaluate(*, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
+             task_feature_lengths: Mapping[str, int] = gin.REQUIRED, batch_size: int = gin.REQUIRED,
+             split: str = "validation", eval_batches: Optional[int] = None, step: Optional[int] = None,
+             seed: int = 0, mesh_fn: Callable = partitioning.create_mesh, output_dir: Optional[str] = None,
+             gin_config_text: str = "") -> dict:
+    """Perplexity of a checkpoint (a run's MODEL_DIR or a checkpoints folder) on a split."""
+    evaluation.check_task(mixture_or_task_name)
+    mesh = mesh_fn()
+    partitioning.check_batch_size(batch_size, mesh)
+    directory = os.path.join(checkpoint_dir, "checkpoints") \
+        if os.path.isdir(os.path.join(checkpoint_dir, "checkpoints")) else checkpoint_dir
+    abstract = jax.eval_shape(lambda: model.init_variables(jax.random.key(0)))["params"]
+    shardings = partitioning.logical_to_sharding(model.logical_axes()["params"], mesh)
+    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract, shardings)
+    params = restore_params(directory, step=step, target=target)
+    evaluator = evaluation.Evaluator(model, mixture_or_task_name, task_feature_lengths, batch_size, mesh,
+                                     param_shardings=shardings, split=split, max_batches=eval_batches, seed=seed)
+    results = evaluator.evaluate(params)
+    if output_dir:
+        writer = MetricsWriter(output_dir, progress=False)
+        for task, values in results.items():
+            writer.write_scalars(step or 0, values, f"{split}/{task}")
+        writer.close()
+    return results
