@@ -1,0 +1,271 @@
+"""seqio tasks for every objective on every corpus and vocabulary, mixtures, and feature converters.
+
+Tasks are named `{corpus}_{objective}_{vocabulary}` (e.g. `embedded_span_corruption_spm`,
+`wiki_lm_byte`) and exist as soon as both the corpus and the vocabulary are registered, in any
+order. Registering builds nothing: the embedded corpus is written and the SentencePiece model
+trained when a dataset is first requested. Each task reads `{"text"}` documents, tokenizes them
+without EOS and hands one document per example to the objective's preprocessor, which chunks the
+document stream and adds EOS itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping, Optional, Sequence
+
+import gin
+import seqio
+import tensorflow as tf
+
+from t5x_like.data import corpus as corpus_lib
+from t5x_like.data import preprocessors
+from t5x_like.data import vocabularies as vocab_lib
+
+OBJECTIVES = ("span_corruption", "lm", "prefix_lm", "mlm")
+_PREPROCESSORS = {
+    "span_corruption": preprocessors.span_corruption,
+    "lm": preprocessors.next_token_lm,
+    "prefix_lm": preprocessors.prefix_lm,
+    "mlm": preprocessors.masked_lm,
+}
+_FEATURES = {"span_corruption": ("inputs", "targets"), "lm": ("targets",),
+             "prefix_lm": ("inputs", "targets"), "mlm": ("inputs", "targets")}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+    """What a registered task or mixture is made of; the converter follows from `objective`."""
+    corpus: Optional[str]
+    objective: str
+    vocabulary: str
+
+
+_TASKS: dict[str, TaskInfo] = {}
+_MIXTURES: dict[str, tuple[tuple[tuple[str, float], ...], str]] = {}
+
+
+def task_name(corpus: str, objective: str, vocabulary: str) -> str:
+    return f"{corpus}_{objective}_{vocabulary}"
+
+
+def mixture_name(corpus: str, vocabulary: str) -> str:
+    """Default encoder-decoder mixture of a corpus: span corruption and prefix LM, rates 1:1."""
+    return f"{corpus}_mix_{vocabulary}"
+
+
+def info(name: str) -> TaskInfo:
+    """Corpus, objective and vocabulary of a task or mixture registered here."""
+    if name not in _TASKS:
+        known = sorted(_TASKS)
+        raise ValueError(f"no task or mixture {name!r} registered by t5x_like.data; e.g. {known[:6]} "
+                         f"(all: t5x_like.data.task_names()). Register a corpus with register_corpus "
+                         "or a mixture with register_mixture")
+    return _TASKS[name]
+
+
+def task_names() -> list[str]:
+    """Tasks and mixtures registered here (seqio's registries may hold others)."""
+    return sorted(_TASKS)
+
+
+def _check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+
+
+def register_tasks(corpus_name: str, vocabulary_name: str) -> list[str]:
+    """(Re)register the tasks of every objective, and the default mixture, for one corpus and
+    vocabulary. Replaces existing ones, so a re-registered corpus gets fresh sources."""
+    corpus = corpus_lib.get_corpus(corpus_name)
+    vocabulary = vocab_lib.get_vocabulary(vocabulary_name)
+    names = []
+    for objective in OBJECTIVES:
+        name = task_name(corpus_name, objective, vocabulary_name)
+        feature = seqio.Feature(vocabulary=vocabulary, add_eos=False, dtype=tf.int32)
+        seqio.TaskRegistry.remove(name)
+        seqio.TaskRegistry.add(
+            name,
+            source=corpus.source(),
+            output_features={key: feature for key in _FEATURES[objective]},
+            preprocessors=[
+                functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+                functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+                _PREPROCESSORS[objective],
+            ],
+        )
+        _TASKS[name] = TaskInfo(corpus_name, objective, vocabulary_name)
+        names.append(name)
+    mix = mixture_name(corpus_name, vocabulary_name)
+    _MIXTURES[mix] = ((
+        (task_name(corpus_name, "span_corruption", vocabulary_name), 1.0),
+        (task_name(corpus_name, "prefix_lm", vocabulary_name), 1.0)), "span_corruption")
+    _refresh_mixtures(names)
+    return names + [mix]
+
+
+def _refresh_mixtures(changed_tasks: Sequence[str]) -> None:
+    """seqio mixtures hold Task objects, so re-create those that use a re-registered task."""
+    changed = set(changed_tasks)
+    for name, (tasks_and_rates, objective) in _MIXTURES.items():
+        if name not in seqio.MixtureRegistry.names() or changed.intersection(t for t, _ in tasks_and_rates):
+            if all(t in seqio.TaskRegistry.names() for t, _ in tasks_and_rates):
+                _add_mixture(name, tasks_and_rates, objective)
+
+
+def _add_mixture(name, tasks_and_rates, objective) -> None:
+    seqio.MixtureRegistry.remove(name)
+    seqio.MixtureRegistry.add(name, list(tasks_and_rates), default_rate=None)
+    _TASKS[name] = TaskInfo(None, objective, _TASKS[tasks_and_rates[0][0]].vocabulary)
+
+
+@gin.configurable
+def register_mixture(name: str, tasks_and_rates: Sequence[tuple[str, float]] = gin.REQUIRED,
+                     objective: Optional[str] = None) -> str:
+    """A seqio mixture sampling its tasks with the given rates (relative weights).
+
+    `objective` picks the feature converter; by default the tasks' common objective. Mixing
+    span_corruption with prefix_lm needs objective="span_corruption" (both feed an encoder-decoder).
+    """
+    tasks_and_rates = tuple((str(t), float(r)) for t, r in tasks_and_rates)
+    if not tasks_and_rates:
+        raise ValueError(f"mixture {name!r} needs at least one (task, rate) pair")
+    objectives = set()
+    for task, rate in tasks_and_rates:
+        objectives.add(info(task).objective)
+        if rate <= 0:
+            raise ValueError(f"mixture {name!r}: rate of {task!r} must be > 0, got {rate}")
+    vocabs = {info(t).vocabulary for t, _ in tasks_and_rates}
+    if len(vocabs) > 1:
+        raise ValueError(f"mixture {name!r} mixes vocabularies {sorted(vocabs)}; use one vocabulary")
+    if objective is None:
+        if len(objectives) > 1:
+            raise ValueError(f"mixture {name!r} mixes objectives {sorted(objectives)}; pass objective= "
+                             "to choose the feature converter (e.g. 'span_corruption' for encoder-decoder)")
+        objective = objectives.pop()
+    _check_objective(objective)
+    needed = set(_FEATURES[objective])
+    for task, _ in tasks_and_rates:
+        if not needed <= set(_FEATURES[info(task).objective]):
+            raise ValueError(f"mixture {name!r}: task {task!r} lacks the features {sorted(needed)} that "
+                             f"objective {objective!r} feeds to its model")
+    _MIXTURES[name] = (tasks_and_rates, objective)
+    _add_mixture(name, tasks_and_rates, objective)
+    return name
+
+
+# ---------------------------------------------------------------------------- feature converters
+
+
+class MaskedLMFeatureConverter(seqio.EncoderFeatureConverter):
+    """seqio's encoder converter, with loss also on the positions BERT replaced by a random token.
+
+    seqio weights only positions whose input is the mask id; a random replacement differs from its
+    target and is just as much a prediction. (The 10% of selected positions left unchanged cannot be
+    told apart from the inputs and get no loss.)
+    """
+
+    def _convert_features(self, ds: tf.data.Dataset, input_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        def convert(features):
+            inputs, targets = features["inputs"], features["targets"]
+            predicted = tf.logical_or(tf.equal(inputs, self.mask_id), tf.not_equal(inputs, targets))
+            out = {"encoder_input_tokens": inputs, "encoder_target_tokens": targets,
+                   "encoder_loss_weights": tf.cast(predicted, tf.int32)}
+            if self.pack:
+                out["encoder_segment_ids"] = features["inputs_segment_ids"]
+                out["encoder_positions"] = features["inputs_positions"]
+            return out
+
+        return self._pack_or_pad(ds, input_lengths).map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+@gin.configurable
+def feature_converter_for(objective: str, pack: bool = True,
+                          vocabulary: Optional[seqio.Vocabulary] = None) -> seqio.FeatureConverter:
+    """The converter producing the batch names the models consume, for an objective.
+
+    span_corruption -> encoder_input_tokens, decoder_{input,target}_tokens, decoder_loss_weights;
+    lm -> decoder_*; prefix_lm -> decoder_* + decoder_causal_attention (loss on the continuation);
+    mlm -> encoder_{input,target}_tokens, encoder_loss_weights. Packing adds *_segment_ids and
+    *_positions. mlm needs the vocabulary to know its mask id (the first sentinel).
+    """
+    _check_objective(objective)
+    if objective == "span_corruption":
+        return seqio.EncDecFeatureConverter(pack=pack)
+    if objective == "lm":
+        return seqio.LMFeatureConverter(pack=pack)
+    if objective == "prefix_lm":
+        return seqio.PrefixLMFeatureConverter(pack=pack, loss_on_targets_only=True)
+    if vocabulary is None:
+        raise ValueError("feature_converter_for('mlm') needs the vocabulary (its mask id is vocab_size - 1)")
+    return MaskedLMFeatureConverter(mask_id=vocabulary.vocab_size - 1, pack=pack)
+
+
+def feature_converter_for_task(name: str, pack: bool = True,
+                               objective: Optional[str] = None) -> seqio.FeatureConverter:
+    """The task's converter; `objective` overrides it, e.g. to read the prefix_lm subtask of an
+    encoder-decoder mixture as encoder-decoder batches."""
+    task = info(name)
+    return feature_converter_for(objective or task.objective, pack, vocab_lib.get_vocabulary(task.vocabulary))
+
+
+# ------------------------------------------------------------------------------------- lengths
+
+
+MIN_LENGTHS = {"lm": {"targets": 2}, "prefix_lm": {"inputs": 1, "targets": 1},
+               "mlm": {"inputs": 2}, "span_corruption": {"inputs": 3}}
+
+
+@gin.configurable
+def default_task_feature_lengths(objective: str, length: int = 512) -> dict[str, int]:
+    """Task feature lengths that fill model rows of `length` tokens (e.g. span corruption 512 -> 114)."""
+    _check_objective(objective)
+    if objective == "span_corruption":
+        return {"inputs": length, "targets": preprocessors.span_corruption_lengths(length)[1]}
+    if objective == "lm":
+        return {"targets": length}
+    if objective == "prefix_lm":  # the decoder row holds inputs + targets
+        return {"inputs": length // 2, "targets": length - length // 2}
+    return {"inputs": length, "targets": length}
+
+
+def check_task_feature_lengths(name: str, lengths: Optional[Mapping[str, int]],
+                               objective: Optional[str] = None) -> dict[str, int]:
+    """One clear error for missing or too-short lengths, before any data is read."""
+    objective = objective or info(name).objective
+    _check_objective(objective)
+    needed = _FEATURES[objective]
+    lengths = dict(lengths or {})
+    missing = [k for k in needed if k not in lengths]
+    if missing:
+        example = default_task_feature_lengths(objective)
+        raise ValueError(f"task_feature_lengths {lengths} for {name!r} ({objective}) lack {missing}; "
+                         f"e.g. {example} (see default_task_feature_lengths)")
+    for key, minimum in MIN_LENGTHS[objective].items():
+        if int(lengths[key]) < minimum:
+            raise ValueError(f"sequence length {key}={lengths[key]} is too short for {objective} on "
+                             f"{name!r}: it needs at least {minimum}")
+    if objective == "span_corruption":
+        targets = preprocessors.span_corruption_lengths(int(lengths["inputs"]))[1]
+        if int(lengths["targets"]) < targets:
+            raise ValueError(f"span corruption with inputs length {lengths['inputs']} makes targets of "
+                             f"{targets} tokens but targets length is {lengths['targets']}; set it to "
+                             f"{targets}")
+    return {k: int(v) for k, v in lengths.items()}
+
+
+# ------------------------------------------------------------------------------ registration hooks
+
+
+def _on_corpus(name: str) -> None:
+    for vocabulary in vocab_lib.vocabulary_names():
+        register_tasks(name, vocabulary)
+
+
+def _on_vocabulary(name: str) -> None:
+    for corpus in corpus_lib.corpus_names():
+        register_tasks(corpus, name)
+
+
+corpus_lib.add_corpus_listener(_on_corpus)  # registers every known (corpus, vocabulary) pair
+vocab_lib.add_vocabulary_listener(_on_vocabulary, replay=False)
