@@ -45,6 +45,9 @@ class Evaluator:
         self.lengths = dict(task_feature_lengths)
         self.host_batch = batch_size // jax.process_count()
         self.tasks = task_names_of(mixture_or_task_name)
+        # A mixture's tasks are read with the mixture's objective (its feature converter), so a
+        # prefix-LM task inside an encoder-decoder mixture yields encoder-decoder batches.
+        self.objective = tasks_lib.info(mixture_or_task_name).objective
         self.seed = seed
         jit_kwargs = {}
         if param_shardings is not None:
@@ -53,7 +56,7 @@ class Evaluator:
 
     def _batches(self, task: str):
         ds = data_iterators.get_dataset(task, self.lengths, split=self.split, batch_size=self.host_batch,
-                                        shuffle=False, seed=self.seed, num_epochs=1)
+                                        shuffle=False, seed=self.seed, num_epochs=1, objective=self.objective)
         if self.max_batches is not None:
             ds = ds.take(self.max_batches)
         for batch in ds.as_numpy_iterator():
@@ -95,9 +98,10 @@ def unigram_baseline(model, mixture_or_task_name: str, task_feature_lengths: Map
     logp = np.log(counts / counts.sum())
     sums = {"nll_sum": 0.0, "tokens": 0.0, "correct": 0.0}
     best = int(np.argmax(counts))
+    objective = tasks_lib.info(mixture_or_task_name).objective
     for task in task_names_of(mixture_or_task_name):
         ds = data_iterators.get_dataset(task, task_feature_lengths, split="validation", batch_size=batch_size,
-                                        shuffle=False, seed=seed, num_epochs=1)
+                                        shuffle=False, seed=seed, num_epochs=1, objective=objective)
         if eval_batches is not None:
             ds = ds.take(eval_batches)
         for batch in ds.as_numpy_iterator():

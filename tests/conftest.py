@@ -7,3 +7,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Corpus and SentencePiece caches of this session live in a temporary folder, never the user's.
+if "T5X_LIKE_DATA_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["T5X_LIKE_DATA_DIR"] = tempfile.mkdtemp(prefix="t5x_like_test_data_")

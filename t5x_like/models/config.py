@@ -59,11 +59,12 @@ class TransformerConfig:
     scan_layers: bool = False
     remat_policy: str = "none"
 
-    def __post_init__(self):
-        def check(ok, msg):
-            if not ok:
-                raise ConfigError(f"{type(self).__name__}: {msg}")
+    def _check(self, ok, msg):
+        if not ok:
+            raise ConfigError(f"{type(self).__name__}: {msg}")
 
+    def __post_init__(self):
+        check = self._check
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
         for name in ("vocab_size", "d_model", "num_heads", "head_dim", "mlp_dim"):
             check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
@@ -87,6 +88,17 @@ class TransformerConfig:
         check(0.0 <= self.dropout_rate < 1.0, f"dropout_rate={self.dropout_rate} must be in [0, 1)")
         check(self.sliding_window is None or self.sliding_window > 0,
               f"sliding_window={self.sliding_window} must be positive or None")
+        if self.position_embedding == "relative":
+            # Log-spaced buckets start after num_buckets // 2 exact ones (causal); a smaller
+            # max_distance makes the bucket formula divide by log(<= 1) and yield invalid ids.
+            check(self.relative_num_buckets >= 4,
+                  f"relative_num_buckets={self.relative_num_buckets} must be at least 4")
+            check(self.relative_max_distance > self.relative_num_buckets // 2,
+                  f"relative_max_distance={self.relative_max_distance} must exceed relative_num_buckets // 2 "
+                  f"= {self.relative_num_buckets // 2} (T5 uses 32 buckets, max distance 128)")
+        if self.position_embedding == "learned":
+            check(self.max_position_embeddings > 0,
+                  f"max_position_embeddings={self.max_position_embeddings} must be positive")
 
     @property
     def kv_heads(self) -> int:
@@ -102,11 +114,20 @@ class EncoderDecoderConfig(TransformerConfig):
     num_encoder_layers: int = 8
     num_decoder_layers: int = 8
 
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("num_encoder_layers", "num_decoder_layers"):
+            self._check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DecoderOnlyConfig(TransformerConfig):
     num_layers: int = 8
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check(self.num_layers > 0, f"num_layers must be positive, got {self.num_layers}")
 
 
 @gin.configurable
@@ -118,3 +139,10 @@ class EncoderOnlyConfig(TransformerConfig):
     type_vocab_size: int = 2
     embedding_norm: bool = True
     mlm_head_activation: str = "gelu"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check(self.num_layers > 0, f"num_layers must be positive, got {self.num_layers}")
+        self._check(self.type_vocab_size >= 0, f"type_vocab_size={self.type_vocab_size} must be >= 0 (0: none)")
+        self._check(self.mlm_head_activation in ACTIVATIONS,
+                    f"mlm_head_activation={self.mlm_head_activation!r}; use one of {ACTIVATIONS}")

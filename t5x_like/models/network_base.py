@@ -35,6 +35,11 @@ class NetworkBase(nn.Module):
     def embed(self, tokens, positions, deterministic: bool, extra=None):
         """Token (+ absolute position) (+ `extra`, e.g. token types) embeddings, then dropout."""
         cfg = self.config
+        if cfg.position_embedding == "learned" and tokens.shape[-1] > cfg.max_position_embeddings:
+            # Out-of-range lookups would silently fill NaN (jnp.take), poisoning every logit.
+            raise ValueError(f"sequence length {tokens.shape[-1]} exceeds max_position_embeddings="
+                             f"{cfg.max_position_embeddings} of the learned position table; shorten the "
+                             "feature lengths or raise max_position_embeddings")
         x = self.token_embed(tokens)
         if cfg.position_embedding == "learned":
             x = x + self.position_embed(positions)

@@ -96,12 +96,13 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
           eval_every: int = 100, eval_batches: Optional[int] = 20, checkpoint_every: int = 100,
           keep_last: int = 3, keep_best: int = 1, async_checkpoints: bool = True,
           init_checkpoint: Optional[str] = None, measure_peak: bool = True, progress: bool = True,
-          gin_config_text: str = "") -> dict:
+          unigram_baseline_batches: int = 0, gin_config_text: str = "") -> dict:
     """Train until `train_steps` (resuming from MODEL_DIR); returns the last eval results.
 
     batch_size is global (all hosts); each host feeds batch_size / process_count rows of its own
     data shard. `init_checkpoint` (fine-tuning) seeds params from another run's checkpoint
-    directory when MODEL_DIR has none yet.
+    directory when MODEL_DIR has none yet. `unigram_baseline_batches` > 0 also reports the
+    perplexity of token frequencies counted on that many train batches, on the same eval batches.
     """
     model_dir = os.path.abspath(os.fspath(model_dir))
     os.makedirs(model_dir, exist_ok=True)
@@ -221,6 +222,11 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
             drain()
         checkpointer.wait_until_finished()
         _write_gin(model_dir, "operative_config.gin", gin.operative_config_str())
+        if unigram_baseline_batches and last_eval:
+            baseline = evaluation.unigram_baseline(model, mixture_or_task_name, task_feature_lengths,
+                                                   batch_size, unigram_baseline_batches, eval_batches, seed)
+            writer.write_scalars(train_steps, baseline, "unigram_baseline")
+            last_eval = {**last_eval, "unigram_baseline": baseline}
     finally:
         writer.close()
         checkpointer.close()
