@@ -99,6 +99,7 @@ def logged_steps(run_dir):
     return set(read_jsonl(run_dir)) if os.path.exists(path) else set()
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_is_bitwise_identical(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = start_cli(cli_args(killed))
@@ -121,6 +122,7 @@ def test_sigkill_then_rerun_is_bitwise_identical(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_then_resumes(tmp_path):
     proc = start_cli(cli_args(tmp_path, steps=200))
     wait_for(lambda: max(logged_steps(tmp_path), default=0) >= 6, proc)
@@ -136,6 +138,7 @@ def test_sigterm_saves_and_exits_then_resumes(tmp_path):
     assert max(logged_steps(tmp_path)) == step + 2
 
 
+@pytest.mark.slow
 def test_nan_stops_with_clear_error_and_good_checkpoint(tmp_path):
     diverge = ["--gin_file=optimizers/adamw.gin", "--gin.adamw.peak_learning_rate=1e30",
                "--gin.adamw.warmup_steps=2", "--gin.adamw.max_grad_norm=None", "--gin.train.checkpoint_every=1000"]
@@ -150,6 +153,7 @@ def test_nan_stops_with_clear_error_and_good_checkpoint(tmp_path):
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(params))
 
 
+@pytest.mark.slow
 def test_eval_mode_matches_training_eval_and_plot(tmp_path):
     run = tmp_path / "run"
     extra = ["--gin.train.eval_every=12", "--gin.train.eval_batches=2", "--gin.train.checkpoint_every=12"]
