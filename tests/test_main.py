@@ -70,3 +70,12 @@ def test_import_hf_writes_checkpoint_and_gin(tmp_path):
                                   ref_model.compute_logits(ref_vars, batch))
     # A second import into the same place refuses rather than overwriting.
     assert main.main(["import_hf", f"--hf_dir={tmp_path / 'hf'}", f"--output_dir={out}"]) == 2
+
+
+def test_missing_required_macro_is_one_line():
+    proc = run_cli("train", "--gin_file=models/llama_tiny.gin", "--gin_file=runs/pretrain.gin", "--gin.TRAIN_STEPS=5")
+    assert proc.returncode == 2
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1, proc.stderr
+    assert "missing required gin macro(s) MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS" in err[0]
+    assert "--gin.MODEL_DIR=..." in err[0]

@@ -220,6 +220,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
                     raise TrainingInterrupted(f"SIGTERM: saved step {step_no} to {checkpointer.directory}; "
                                               "rerun the same command to resume")
             drain()
+            if not last_eval and eval_every:  # nothing left to train (a finished run rerun): report anyway
+                last_eval = evaluator.evaluate(state.params)
         checkpointer.wait_until_finished()
         _write_gin(model_dir, "operative_config.gin", gin.operative_config_str())
         if unigram_baseline_batches and last_eval:

@@ -174,3 +174,21 @@ def test_eval_mode_matches_training_eval_and_plot(tmp_path):
     proc = run_cli([sys.executable, "-m", "t5x_like.main", "plot", f"--run_dir={run}", f"--output={png}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert png.stat().st_size > 1000
+
+
+def test_finetune_starts_from_another_runs_params(tmp_path):
+    model = DecoderOnlyModel(DecoderOnlyConfig(num_layers=2, position_embedding="rotary", **TINY))
+    common = dict(model=model, mixture_or_task_name="embedded_lm_byte", task_feature_lengths={"targets": 64},
+                  batch_size=8, log_every=1, eval_every=0, measure_peak=False, progress=False)
+    trainer.train(model_dir=str(tmp_path / "pre"), train_steps=30, checkpoint_every=30,
+                  optimizer=optimizers.adamw(3e-3, warmup_steps=5, decay_steps=30), **common)
+    trainer.train(model_dir=str(tmp_path / "fine"), train_steps=2, checkpoint_every=2,
+                  init_checkpoint=str(tmp_path / "pre"),
+                  optimizer=optimizers.adafactor(schedule=optimizers.constant_schedule(1e-3)), **common)
+    trainer.train(model_dir=str(tmp_path / "fresh"), train_steps=2, checkpoint_every=2,
+                  optimizer=optimizers.adafactor(schedule=optimizers.constant_schedule(1e-3)), **common)
+    pre, fine, fresh = (read_jsonl(tmp_path / n) for n in ("pre", "fine", "fresh"))
+    # The fine-tuned run's first loss continues the pretrained curve, far below a fresh start.
+    assert fine[1]["loss"] < 0.8 * fresh[1]["loss"]
+    assert abs(fine[1]["loss"] - pre[30]["loss"]) < 0.25 * pre[30]["loss"]
+    assert sorted(int(s) for s in os.listdir(tmp_path / "fine" / "checkpoints") if s.isdigit())[-1] == 2
