@@ -13,3 +13,14 @@ if "T5X_LIKE_DATA_DIR" not in os.environ:
     import tempfile
 
     os.environ["T5X_LIKE_DATA_DIR"] = tempfile.mkdtemp(prefix="t5x_like_test_data_")
+
+import gin  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _clear_gin():
+    """Gin bindings are process-global: a config parsed by one test must not reach the next
+    (gin-configurable configs would silently take its values for fields a test leaves unset)."""
+    yield
+    gin.clear_config()
