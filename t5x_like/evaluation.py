@@ -7,8 +7,10 @@ smoothing (DESIGN.md). Mixtures are evaluated task by task.
 from __future__ import annotations
 
 import math
+import os
 from typing import Mapping, Optional
 
+import gin
 import jax
 import numpy as np
 import seqio
@@ -59,7 +61,15 @@ class Evaluator:
                                         shuffle=False, seed=self.seed, num_epochs=1, objective=self.objective)
         if self.max_batches is not None:
             ds = ds.take(self.max_batches)
-        for batch in ds.as_numpy_iterator():
+        batches = ds.as_numpy_iterator()
+        if jax.process_count() > 1:
+            # Hosts' shards of a finite split can hold different numbers of batches, and a host
+            # that stops early would leave the others waiting in a collective: all take the minimum.
+            from jax.experimental import multihost_utils
+            batches = list(batches)
+            counts = np.asarray(multihost_utils.process_allgather(np.int32(len(batches))))
+            batches = batches[:int(counts.min())]
+        for batch in batches:
             yield data_iterators.to_global_batch(batch, self.mesh)
 
     def evaluate(self, params) -> dict[str, dict]:
@@ -115,3 +125,83 @@ def unigram_baseline(model, mixture_or_task_name: str, task_feature_lengths: Map
 def check_task(mixture_or_task_name: str) -> None:
     """One clear error for an unknown task name, before anything is built."""
     tasks_lib.info(mixture_or_task_name)
+
+
+# ------------------------------------------------------------------ text files and (input, target) scoring
+
+
+@gin.configurable
+def text_file_task(path: str = gin.REQUIRED, vocabulary: str = "byte", objective: str = "lm",
+                   documents: str = "line", text_field: str = "text") -> str:
+    """Register a throwaway corpus whose validation split is the whole file; return its task name.
+
+    Lets `eval` read a text or JSONL file named on the command line (gin/runs/eval_text.gin)
+    without registering anything by hand. `vocabulary` is a registered name ("byte", "spm") or a
+    SentencePiece .model file (e.g. the spiece.model that came with a Hugging Face checkpoint).
+    """
+    import hashlib
+
+    from t5x_like.data import corpus as corpus_lib
+    from t5x_like.data import vocabularies as vocab_lib
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"evaluation text file {path!r} does not exist")
+    digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
+    if vocabulary.endswith(".model"):
+        if not os.path.isfile(vocabulary):
+            raise FileNotFoundError(f"SentencePiece model {vocabulary!r} does not exist")
+        vocab_name = "file" + hashlib.sha1(os.path.abspath(vocabulary).encode()).hexdigest()[:12]
+        if vocab_name not in vocab_lib.vocabulary_names():
+            vocab_lib.register_vocabulary(vocab_name, vocab_lib.vocabulary_from_file(vocabulary))
+    else:
+        vocab_name = vocabulary
+    name = f"evalfile{digest}"
+    kind = "jsonl_glob" if path.endswith((".jsonl", ".json")) else "text_glob"
+    extra = {"text_field": text_field} if kind == "jsonl_glob" else {"documents": documents}
+    corpus_lib.register_corpus(name, **{kind: {"validation": [os.path.abspath(path)]}}, overwrite=True, **extra)
+    return tasks_lib.task_name(name, objective, vocab_name)
+
+
+def score_pairs(model, variables, inputs, targets, batch_size: int = 8) -> np.ndarray:
+    """Log-likelihood of each target token sequence given its input (token id lists, no padding).
+
+    Encoder-decoder: inputs go to the encoder, targets are decoded after the start id 0.
+    Decoder-only: the model reads inputs then targets; only target tokens are scored (an empty
+    input scores the target from a leading 0, the BOS of this project's LM tasks).
+    """
+    from t5x_like.models.base import EncoderDecoderModel
+
+    enc_dec = isinstance(model, EncoderDecoderModel)
+    fn = jax.jit(lambda v, b: model.compute_logits(v, b))
+    out = []
+    for start in range(0, len(targets), batch_size):
+        ins, tgts = inputs[start:start + batch_size], targets[start:start + batch_size]
+        rows = len(tgts)
+        if enc_dec:
+            enc_len = max(1, max(len(x) for x in ins))
+            dec_len = max(1, max(len(t) for t in tgts))
+            enc = np.zeros((rows, enc_len), np.int32)
+            dec_in = np.zeros((rows, dec_len), np.int32)
+            dec_tgt = np.zeros((rows, dec_len), np.int32)
+            weights = np.zeros((rows, dec_len), np.float32)
+            for i, (x, t) in enumerate(zip(ins, tgts)):
+                enc[i, :len(x)] = x
+                dec_tgt[i, :len(t)] = t
+                dec_in[i, 1:len(t)] = t[:-1]
+                weights[i, :len(t)] = 1
+            batch = {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in, "decoder_target_tokens": dec_tgt}
+        else:
+            seqs = [(list(x) if len(x) else [0]) + list(t) for x, t in zip(ins, tgts)]
+            length = max(len(s) for s in seqs) - 1
+            dec_in = np.zeros((rows, length), np.int32)
+            dec_tgt = np.zeros((rows, length), np.int32)
+            weights = np.zeros((rows, length), np.float32)
+            for i, (s, t) in enumerate(zip(seqs, tgts)):
+                dec_in[i, :len(s) - 1] = s[:-1]
+                dec_tgt[i, :len(s) - 1] = s[1:]
+                weights[i, len(s) - 1 - len(t):len(s) - 1] = 1
+            batch = {"decoder_input_tokens": dec_in}
+        logp = jax.nn.log_softmax(np.asarray(fn(variables, batch), np.float32), axis=-1)
+        picked = np.take_along_axis(np.asarray(logp), dec_tgt[..., None], axis=-1)[..., 0]
+        out.extend(np.sum(picked * weights, axis=1).tolist())
+    return np.asarray(out, np.float64)

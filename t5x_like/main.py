@@ -7,6 +7,15 @@ Modes:
   demo       build each model family from gin, count parameters, run a forward pass
   import_hf  --hf_dir=DIR --output_dir=DIR: convert a Hugging Face checkpoint (safetensors) into an
              Orbax checkpoint plus a gin file that rebuilds the architecture
+  infer      --input=FILE|- [--output=FILE.jsonl]: decode prompts (text lines or JSONL) with a checkpoint
+             (gin/runs/infer.gin: greedy, sampling or beam search with a KV cache); JSONL out
+  score      --input=FILE|- [--output=FILE.jsonl]: log-likelihood of (input, target) pairs (JSONL records
+             or input<TAB>target lines) under a checkpoint (gin/runs/score.gin); JSONL out
+  precompile ahead-of-time compile the train step for a model on a mesh of NUM_FAKE_DEVICES fake CPU
+             devices with abstract arrays (gin/runs/precompile.gin); print per-device memory and FLOPs
+
+Multi-host: run one program per host with --coordinator_address=HOST:PORT --num_processes=N
+--process_id=I (or T5X_LIKE_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID); see distributed.py.
 
 A user error prints one line `error: ...` and exits with status 2; no traceback.
 """
@@ -17,7 +26,7 @@ import argparse
 import os
 import sys
 
-MODES = ("train", "eval", "plot", "demo", "import_hf")
+MODES = ("train", "eval", "plot", "demo", "import_hf", "precompile", "infer", "score")
 
 
 class UsageError(ValueError):
@@ -32,7 +41,11 @@ def parse_args(argv):
     parser.add_argument("--hf_dir", help="import_hf: folder written by transformers' save_pretrained")
     parser.add_argument("--output_dir", help="import_hf: where the checkpoint and model.gin go")
     parser.add_argument("--run_dir", action="append", default=[], help="plot: a run's MODEL_DIR (repeatable)")
-    parser.add_argument("--output", help="plot: the PNG to write")
+    parser.add_argument("--output", help="plot: the PNG to write; infer/score: the JSONL to write (default stdout)")
+    parser.add_argument("--input", help="infer/score: prompts or pairs, text or JSONL ('-' = stdin)")
+    parser.add_argument("--coordinator_address", help="multi-host: process 0's HOST:PORT")
+    parser.add_argument("--num_processes", type=int, help="multi-host: number of processes (hosts)")
+    parser.add_argument("--process_id", type=int, help="multi-host: this process' index, 0..N-1")
     args, rest = parser.parse_known_args(argv)
     bindings = []
     for item in rest:
@@ -61,6 +74,11 @@ def import_hf(hf_dir: str, output_dir: str) -> None:
         f.write(gin_config.model_gin_text(model, f"Imported from Hugging Face checkpoint {os.path.abspath(hf_dir)}"))
     print(f"{type(model).__name__}: {model.num_params(variables):,} params")
     print(f"checkpoint: {step_dir}\ngin file:   {gin_file}")
+    for name in ("spiece.model", "tokenizer.model"):  # the SentencePiece model infer/score/eval can use
+        if os.path.isfile(os.path.join(hf_dir, name)):
+            import shutil
+            shutil.copy(os.path.join(hf_dir, name), os.path.join(output_dir, name))
+            print(f"tokenizer:  {os.path.join(output_dir, name)} (--gin.VOCABULARY=\"'{os.path.join(output_dir, name)}'\")")
 
 
 def run_gin_mode(mode: str, gin_files, bindings) -> None:
@@ -82,9 +100,26 @@ def run_gin_mode(mode: str, gin_files, bindings) -> None:
         print(f"validation {task}: " + " ".join(f"{k}={v:.4f}" for k, v in values.items()))
 
 
+def run_inference_mode(mode: str, gin_files, bindings, input_path, output_path) -> None:
+    from t5x_like import gin_config, inference
+
+    if not input_path:
+        raise UsageError(f"{mode} needs --input=FILE (text or JSONL; '-' reads stdin)")
+    if not gin_files:
+        raise UsageError(f"{mode} needs gin files, e.g. --gin_file=CHECKPOINT/model.gin --gin_file=runs/{mode}.gin")
+    gin_config.parse(gin_files, bindings)
+    gin_config.check_required_macros()
+    model = gin_config.model_from_gin()
+    count = (inference.infer if mode == "infer" else inference.score)(input_path, output_path, model=model)
+    print(f"{mode}: {count} records -> {output_path or 'stdout'}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from t5x_like.distributed import DistributedError
+    from t5x_like.decoding import DecodingError
     from t5x_like.gin_config import GinConfigError
+    from t5x_like.inference import InferenceError
     from t5x_like.interop.hf import HFInteropError
     from t5x_like.models.config import ConfigError
     from t5x_like.partitioning import MeshError
@@ -94,6 +129,8 @@ def main(argv=None) -> int:
     try:
         args, bindings = parse_args(argv)
         if args.mode in ("train", "eval"):
+            from t5x_like import distributed  # before anything asks JAX for devices
+            distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
             run_gin_mode(args.mode, args.gin_file, bindings)
         elif args.mode == "plot":
             from t5x_like.training.plotting import plot_runs
@@ -105,13 +142,25 @@ def main(argv=None) -> int:
             demo.run(args.gin_file, bindings)
         elif args.mode == "import_hf":
             import_hf(args.hf_dir, args.output_dir)
+        elif args.mode in ("infer", "score"):
+            run_inference_mode(args.mode, args.gin_file, bindings, args.input, args.output)
+        elif args.mode == "precompile":
+            from t5x_like.training import precompile
+            precompile.run(args.gin_file, bindings)
     except TrainingInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 0
     except (UsageError, GinConfigError, HFInteropError, ConfigError, CheckpointError, MeshError,
-            TrainingDivergedError, FileNotFoundError) as e:
+            TrainingDivergedError, FileNotFoundError, DistributedError,
+            DecodingError, InferenceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from t5x_like import distributed
+        message = distributed.peer_failure_message(e)
+        if message is None:
+            raise
+        distributed.exit_after_peer_failure(message)
     return 0
 
 

@@ -24,6 +24,10 @@ BATCH_MESH_AXES = ("data", "fsdp", "expert")
 # so activations [batch, length, embed] put fsdp on batch, while params [embed, mlp] put it on embed.
 DEFAULT_RULES = (
     ("batch", BATCH_MESH_AXES),
+    # MoE expert inputs [expert, expert_group, capacity, embed]: groups (batch rows) split over
+    # the data axes only, since `expert` then splits the experts (layers/moe.py);
+    # before `embed`, which must not take fsdp from them.
+    ("expert_group", ("data", "fsdp")),
     ("length", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),

@@ -135,8 +135,17 @@ class DataIterator:
 def get_iterator(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
                  split: str = "train", batch_size: int = 8, shuffle: bool = True, seed: int = 0,
                  shard_info: Optional[seqio.ShardInfo] = None, pack: bool = True,
-                 num_epochs: Optional[int] = None, objective: Optional[str] = None) -> DataIterator:
-    """A resumable iterator over `get_dataset(...)` (same arguments)."""
+                 num_epochs: Optional[int] = None, objective: Optional[str] = None,
+                 host_rows: Optional[tuple[int, int]] = None) -> DataIterator:
+    """A resumable iterator over `get_dataset(...)` (same arguments).
+
+    `host_rows=(start, stop)`: instead of its own shard, this host reads the whole (unsharded)
+    stream in batches of `batch_size` (the global batch) and keeps rows start..stop-1 of each. The
+    global batches are then the same for any number of hosts (reproducible across host counts,
+    at the price of every host reading all data); see `host_rows_of`.
+    """
+    if host_rows is not None:
+        shard_info = seqio.ShardInfo(index=0, num_shards=1)
     shard_info = shard_info or host_shard_info()
     kwargs = dict(mixture_or_task_name=mixture_or_task_name,
                   task_feature_lengths=dict(task_feature_lengths), split=split,
@@ -144,7 +153,29 @@ def get_iterator(mixture_or_task_name: str, task_feature_lengths: Mapping[str, i
                   objective=objective)
     config = {**kwargs, "shard": [shard_info.index, shard_info.num_shards]}
     tasks_lib.check_task_feature_lengths(mixture_or_task_name, task_feature_lengths, objective)
-    return DataIterator(lambda: get_dataset(shard_info=shard_info, **kwargs), config)
+    if host_rows is None:
+        return DataIterator(lambda: get_dataset(shard_info=shard_info, **kwargs), config)
+    start, stop = (int(x) for x in host_rows)
+    if not 0 <= start < stop <= batch_size:
+        raise ValueError(f"host_rows {host_rows} must lie within the global batch of {batch_size} rows")
+    config["host_rows"] = [start, stop]
+    return DataIterator(lambda: get_dataset(shard_info=shard_info, **kwargs).map(
+        lambda b: {k: v[start:stop] for k, v in b.items()}), config)
+
+
+def host_rows_of(mesh: Mesh, global_batch_size: int,
+                 partition_spec: Optional[PartitionSpec] = None) -> tuple[int, int]:
+    """The rows of the global batch this process' devices hold: the slice `to_global_batch`
+    expects from this host. Raises if they are not one contiguous block (an unusual mesh)."""
+    spec = partition_spec if partition_spec is not None else default_batch_spec(mesh)
+    index_map = NamedSharding(mesh, spec).addressable_devices_indices_map((global_batch_size,))
+    starts = sorted({(idx[0].start or 0, global_batch_size if idx[0].stop is None else idx[0].stop)
+                     for idx in index_map.values()})
+    for (_, a_stop), (b_start, _) in zip(starts, starts[1:]):
+        if a_stop != b_start:
+            raise ValueError(f"this host's devices hold non-contiguous batch rows {starts} on mesh "
+                             f"{dict(mesh.shape)}; read per-host shards instead")
+    return starts[0][0], starts[-1][1]
 
 
 def default_batch_spec(mesh: Mesh) -> PartitionSpec:

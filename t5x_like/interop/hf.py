@@ -91,7 +91,7 @@ def register(converter: Converter) -> Converter:
 
 def converters() -> list[Converter]:
     # Imported here so that each converter module can import this one to register itself.
-    from t5x_like.interop import hf_bert, hf_gpt2, hf_llama, hf_t5  # noqa: F401
+    from t5x_like.interop import hf_bert, hf_gpt2, hf_llama, hf_mixtral, hf_t5  # noqa: F401
     return list(_REGISTRY)
 
 

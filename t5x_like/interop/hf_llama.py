@@ -67,7 +67,8 @@ def _layer_names(i: int) -> dict[str, str]:
             "ln2": f"{p}.post_attention_layernorm.weight"}
 
 
-def params_from_hf(reader: hf.WeightReader, c: DecoderOnlyConfig) -> dict:
+def params_from_hf(reader: hf.WeightReader, c: DecoderOnlyConfig, mlp_from_hf=None) -> dict:
+    """`mlp_from_hf(reader, config, layer_index)` replaces the dense MLP (hf_mixtral's experts)."""
     d, h, kv, hd, m = c.d_model, c.num_heads, c.kv_heads, c.head_dim, c.mlp_dim
     decoder = {"final_norm": {"scale": reader.get("model.norm.weight", (d,))}}
 
@@ -83,9 +84,10 @@ def params_from_hf(reader: hf.WeightReader, c: DecoderOnlyConfig) -> dict:
                                "value": {"kernel": proj(n["v"], kv)},
                                "out": {"kernel": reader.get(n["o"], (d, h * hd)).T.reshape(h, hd, d)}},
             "mlp_norm": {"scale": reader.get(n["ln2"], (d,))},
-            "mlp": {"wi_0": {"kernel": reader.get(n["gate"], (m, d)).T},
-                    "wi_1": {"kernel": reader.get(n["up"], (m, d)).T},
-                    "wo": {"kernel": reader.get(n["down"], (d, m)).T}},
+            "mlp": mlp_from_hf(reader, c, i) if mlp_from_hf else {
+                "wi_0": {"kernel": reader.get(n["gate"], (m, d)).T},
+                "wi_1": {"kernel": reader.get(n["up"], (m, d)).T},
+                "wo": {"kernel": reader.get(n["down"], (d, m)).T}},
         }
     params = {"token_embed": {"embedding": reader.get("model.embed_tokens.weight", (c.vocab_size, d))},
               "decoder": decoder}
@@ -94,7 +96,8 @@ def params_from_hf(reader: hf.WeightReader, c: DecoderOnlyConfig) -> dict:
     return params
 
 
-def params_to_hf(params: dict, c: DecoderOnlyConfig) -> dict[str, np.ndarray]:
+def params_to_hf(params: dict, c: DecoderOnlyConfig, mlp_to_hf=None) -> dict[str, np.ndarray]:
+    """`mlp_to_hf(mlp_params, config, layer_index)` -> {hf_name: array} replaces the dense MLP."""
     d, dec = c.d_model, params["decoder"]
     out = {"model.embed_tokens.weight": params["token_embed"]["embedding"],
            "model.norm.weight": dec["final_norm"]["scale"]}
@@ -104,7 +107,10 @@ def params_to_hf(params: dict, c: DecoderOnlyConfig) -> dict[str, np.ndarray]:
         for name, key in (("q", "query"), ("k", "key"), ("v", "value")):
             out[n[name]] = att[key]["kernel"].reshape(d, -1).T
         out[n["o"]] = att["out"]["kernel"].reshape(-1, d).T
-        out[n["gate"]], out[n["up"]], out[n["down"]] = (mlp[k]["kernel"].T for k in ("wi_0", "wi_1", "wo"))
+        if mlp_to_hf:
+            out.update(mlp_to_hf(mlp, c, i))
+        else:
+            out[n["gate"]], out[n["up"]], out[n["down"]] = (mlp[k]["kernel"].T for k in ("wi_0", "wi_1", "wo"))
         out[n["ln1"]] = layer["self_attention_norm"]["scale"]
         out[n["ln2"]] = layer["mlp_norm"]["scale"]
     if not c.tie_embeddings:
@@ -114,7 +120,7 @@ def params_to_hf(params: dict, c: DecoderOnlyConfig) -> dict[str, np.ndarray]:
 
 def can_export(c) -> bool:
     acts = tuple(c.mlp_activations) if isinstance(c, DecoderOnlyConfig) else ()
-    return (isinstance(c, DecoderOnlyConfig) and c.position_embedding == "rotary" and c.norm_type == "rms"
+    return (isinstance(c, DecoderOnlyConfig) and not c.num_experts and c.position_embedding == "rotary" and c.norm_type == "rms"
             and c.norm_position == "pre" and not c.use_bias and len(acts) == 2
             and acts[0] in TO_HF_ACTIVATION and acts[1] == "linear" and c.scale_attention_scores
             and not c.scale_tied_logits)

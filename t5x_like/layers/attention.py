@@ -76,6 +76,36 @@ class MultiHeadAttention(nn.Module):
     deterministic: bool = True
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    # Autoregressive decoding with a KV cache (self-attention only): see `_use_cache`.
+    decode: bool = False
+    sliding_window: Optional[int] = None  # used by the cache mask only; full-sequence masks carry it
+
+    def _use_cache(self, k, v, mask):
+        """Write this step's keys/values into the 'cache' collection and attend over all of it.
+
+        Initialising with decode=True and a full-length input only allocates zero caches
+        [batch, max_length, kv_heads, head_dim]; every later call feeds one token per row, shared
+        position `cache_index` (the decoding loop forces prompt tokens, so rows never disagree).
+        """
+        initialised = self.has_variable("cache", "cached_key")
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        if not initialised:
+            return k, v, mask
+        if k.shape[1] != 1:
+            raise ValueError(f"decode=True takes one token per row, got length {k.shape[1]}")
+        i = index.value
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, i, 0, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, i, 0, 0))
+        index.value = i + 1
+        key_pos = jnp.arange(cached_k.value.shape[1])
+        valid = key_pos <= i
+        if self.sliding_window is not None:
+            valid = valid & (i - key_pos < self.sliding_window)
+        cache_mask = jnp.broadcast_to(valid[None, None, None, :], (k.shape[0], 1, 1, key_pos.shape[0]))
+        mask = cache_mask if mask is None else nn.combine_masks(mask, cache_mask)
+        return cached_k.value, cached_v.value, mask
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv, mask=None, bias=None, positions_q=None, positions_kv=None):
@@ -97,6 +127,9 @@ class MultiHeadAttention(nn.Module):
                 positions_kv = jnp.broadcast_to(jnp.arange(k_len), (batch, k_len))
             q = apply_rotary(q, positions_q, self.rotary_theta)
             k = apply_rotary(k, positions_kv, self.rotary_theta)
+
+        if self.decode:
+            k, v, mask = self._use_cache(k, v, mask)
 
         if self.scale_scores:
             q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)

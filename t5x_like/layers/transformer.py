@@ -14,6 +14,7 @@ import flax.linen as nn
 
 from t5x_like.layers.attention import MultiHeadAttention
 from t5x_like.layers.mlp import Mlp
+from t5x_like.layers.moe import moe_mlp_for_config
 from t5x_like.layers.norms import Norm
 from t5x_like.layers.positions import RelativePositionBias
 
@@ -35,6 +36,8 @@ class TransformerLayer(nn.Module):
     config: "TransformerConfig"  # noqa: F821 (any family's config)
     has_cross_attention: bool = False
     deterministic: bool = True
+    decode: bool = False  # self-attention reads/writes the KV cache (one token per call)
+    use_moe: bool = False  # feed-forward block is a mixture of experts (layers/moe.py)
 
     @nn.compact
     def __call__(self, x, mask, bias=None, positions=None, encoded=None, cross_mask=None):
@@ -45,12 +48,13 @@ class TransformerLayer(nn.Module):
         def norm(name):
             return Norm(cfg.norm_type, cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
 
-        def attention(name, rotary):
+        def attention(name, rotary, decode=False):
             return MultiHeadAttention(
                 num_heads=cfg.num_heads, num_kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
                 use_bias=cfg.use_bias, scale_scores=cfg.scale_attention_scores,
                 rotary_theta=cfg.rotary_theta if rotary else None, dropout_rate=cfg.dropout_rate,
-                deterministic=self.deterministic, dtype=dtype, param_dtype=param_dtype, name=name)
+                deterministic=self.deterministic, dtype=dtype, param_dtype=param_dtype, decode=decode,
+                sliding_window=cfg.sliding_window if decode else None, name=name)
 
         def residual(x, sublayer, norm_name):
             h = sublayer(norm(norm_name)(x) if pre else x)
@@ -59,13 +63,16 @@ class TransformerLayer(nn.Module):
             return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
         rotary = cfg.position_embedding == "rotary"
-        x = residual(x, lambda h: attention("self_attention", rotary)(
+        x = residual(x, lambda h: attention("self_attention", rotary, self.decode)(
             h, h, mask, bias, positions, positions), "self_attention_norm")
         if self.has_cross_attention:
             x = residual(x, lambda h: attention("cross_attention", False)(
                 h, encoded, cross_mask), "cross_attention_norm")
-        mlp = Mlp(cfg.mlp_dim, cfg.mlp_activations, use_bias=cfg.use_bias, dropout_rate=cfg.dropout_rate,
-                  deterministic=self.deterministic, dtype=dtype, param_dtype=param_dtype, name="mlp")
+        if self.use_moe:
+            mlp = moe_mlp_for_config(cfg, self.deterministic, dtype=dtype, param_dtype=param_dtype)
+        else:
+            mlp = Mlp(cfg.mlp_dim, cfg.mlp_activations, use_bias=cfg.use_bias, dropout_rate=cfg.dropout_rate,
+                      deterministic=self.deterministic, dtype=dtype, param_dtype=param_dtype, name="mlp")
         x = residual(x, mlp, "mlp_norm")
         return (x, None) if cfg.scan_layers else x
 
@@ -79,30 +86,37 @@ class TransformerStack(nn.Module):
     causal: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, positions=None, encoded=None, cross_mask=None, deterministic=True):
+    def __call__(self, x, mask, positions=None, encoded=None, cross_mask=None, deterministic=True,
+                 decode: bool = False, decode_length: Optional[int] = None):
+        """decode: x holds one token per row at `positions` [batch, 1]; attention uses the KV cache of
+        `decode_length` positions (the relative bias is taken from that full table, row `positions`)."""
         cfg = self.config
         dtype, param_dtype = dtypes(cfg)
         bias = None
         if cfg.position_embedding == "relative":
-            length = x.shape[1]
+            length = decode_length if decode else x.shape[1]
             bias = RelativePositionBias(cfg.relative_num_buckets, cfg.relative_max_distance, cfg.num_heads,
                                         bidirectional=not self.causal, dtype=dtype, param_dtype=param_dtype,
                                         name="relpos_bias")(length, length)
+            if decode:  # [1, heads, L, L] -> the query rows at each row's position: [batch, heads, 1, L]
+                bias = jnp.transpose(jnp.take(bias[0], positions[:, 0], axis=1), (1, 0, 2))[:, :, None, :]
 
         layer_cls = TransformerLayer
-        if cfg.remat_policy != "none":
+        if cfg.remat_policy != "none" and not decode:
             layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat_policy],
                                  prevent_cse=not cfg.scan_layers)
         args = (mask, bias, positions, encoded, cross_mask)
-        make = lambda cls, name: cls(cfg, self.has_cross_attention, deterministic, name=name)  # noqa: E731
+        make = lambda cls, name, moe=False: cls(cfg, self.has_cross_attention, deterministic,  # noqa: E731
+                                                decode=decode, use_moe=moe, name=name)
         if cfg.scan_layers:
-            scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+            scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
                               metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = make(scanned, "layers")(x, *args)
+            # Scanning requires identical layers, so MoE is on in all of them or none (config checks).
+            x, _ = make(scanned, "layers", cfg.is_moe_layer(0))(x, *args)
         else:
             for i in range(self.num_layers):
-                x = make(layer_cls, f"layers_{i}")(x, *args)
+                x = make(layer_cls, f"layers_{i}", cfg.is_moe_layer(i))(x, *args)
 
         if cfg.norm_position == "pre":
             x = Norm(cfg.norm_type, cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)

@@ -14,6 +14,7 @@ import numpy as np
 import flax.linen as nn
 import gin
 
+from t5x_like.layers.moe import collect_moe_aux
 from t5x_like.models.config import DecoderOnlyConfig, EncoderDecoderConfig, EncoderOnlyConfig
 from t5x_like.models.decoder_only import DecoderOnly
 from t5x_like.models.encoder_decoder import EncoderDecoder
@@ -65,6 +66,18 @@ class BaseModel:
         if not deterministic and dropout_rng is None:
             raise ValueError("compute_logits(deterministic=False) needs a dropout_rng")
         return self.module.apply(variables, **self._inputs(batch), deterministic=deterministic, rngs=rngs)
+
+    def compute_logits_and_aux(self, variables, batch: Mapping, *, dropout_rng=None, deterministic: bool = True):
+        """(logits, aux): aux holds the MoE router losses and metrics (layers/moe.py), {} without MoE.
+
+        Training adds the weighted losses to its objective; `compute_logits` ignores them.
+        """
+        rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+        if not deterministic and dropout_rng is None:
+            raise ValueError("compute_logits_and_aux(deterministic=False) needs a dropout_rng")
+        logits, state = self.module.apply(variables, **self._inputs(batch), deterministic=deterministic, rngs=rngs,
+                                          mutable=["intermediates"])
+        return logits, collect_moe_aux(state.get("intermediates", {}))
 
     @staticmethod
     def num_params(variables) -> int:

@@ -58,6 +58,21 @@ class TransformerConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
+    # Mixture of experts (layers/moe.py). num_experts=0: every feed-forward block is dense. Otherwise
+    # layer i (0-based, per stack) is MoE when (i + 1) % moe_every_n_layers == 0 (1: all layers;
+    # 2: the second, fourth, ... as in GShard/Switch). Scanned stacks need moe_every_n_layers=1.
+    num_experts: int = 0
+    moe_every_n_layers: int = 1
+    moe_top_k: int = 1
+    # Slots per expert = ceil(factor x group tokens x k / experts); None never drops a token.
+    moe_capacity_factor: Optional[float] = 1.25
+    # Tokens routed together (capacity applies per group); None: one group per batch row.
+    moe_group_size: Optional[int] = None
+    # k > 1: rescale the top-k probabilities to sum to one (Mixtral, GShard).
+    moe_renormalize_top_k: bool = True
+    # Training-loss weights of the summed per-layer router losses (Switch load balancing, z-loss).
+    moe_aux_loss_weight: float = 0.01
+    moe_z_loss_weight: float = 0.001
 
     def _check(self, ok, msg):
         if not ok:
@@ -96,9 +111,29 @@ class TransformerConfig:
             check(self.relative_max_distance > self.relative_num_buckets // 2,
                   f"relative_max_distance={self.relative_max_distance} must exceed relative_num_buckets // 2 "
                   f"= {self.relative_num_buckets // 2} (T5 uses 32 buckets, max distance 128)")
+        if self.num_experts:
+            self._check_moe()
         if self.position_embedding == "learned":
             check(self.max_position_embeddings > 0,
                   f"max_position_embeddings={self.max_position_embeddings} must be positive")
+
+    def _check_moe(self):
+        check = self._check
+        check(self.num_experts >= 1, f"num_experts={self.num_experts} must be >= 0 (0: no MoE)")
+        check(1 <= self.moe_top_k <= self.num_experts,
+              f"moe_top_k={self.moe_top_k} must be between 1 and num_experts={self.num_experts}")
+        check(self.moe_every_n_layers >= 1, f"moe_every_n_layers={self.moe_every_n_layers} must be >= 1")
+        check(self.moe_capacity_factor is None or self.moe_capacity_factor > 0,
+              f"moe_capacity_factor={self.moe_capacity_factor} must be positive or None (no dropping)")
+        check(self.moe_group_size is None or self.moe_group_size > 0,
+              f"moe_group_size={self.moe_group_size} must be positive or None (one group per row)")
+        check(not (self.scan_layers and self.moe_every_n_layers > 1),
+              f"scan_layers=True needs identical layers, but moe_every_n_layers={self.moe_every_n_layers} mixes "
+              "dense and MoE layers; set scan_layers=False or moe_every_n_layers=1")
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether layer `index` (0-based, within its stack) has an MoE feed-forward block."""
+        return self.num_experts > 0 and (index + 1) % self.moe_every_n_layers == 0
 
     @property
     def kv_heads(self) -> int:

@@ -25,3 +25,12 @@ class DecoderOnly(NetworkBase):
                                  decoder_causal_attention, positions, self.config.sliding_window)
         x = self.decoder(x, mask, positions, deterministic=deterministic)
         return self.logits(x)
+
+    def decode_step(self, tokens, positions, decode_length: int):
+        """Logits for one token per row ([batch, 1] at `positions`) through the KV cache.
+
+        Apply with mutable=["cache"]; initialising with full-length tokens allocates the cache.
+        """
+        x = self.embed(tokens, positions, True)
+        x = self.decoder(x, None, positions, decode=True, decode_length=decode_length)
+        return self.logits(x)

@@ -40,6 +40,14 @@ class EncoderDecoder(NetworkBase):
         x = self.decoder(x, mask, positions, encoded=encoded, cross_mask=cross_mask, deterministic=deterministic)
         return self.logits(x)
 
+    def decode_step(self, encoded, encoder_input_tokens, tokens, positions, decode_length: int):
+        """Decoder logits for one token per row through the self-attention KV cache (see DecoderOnly)."""
+        x = self.embed(tokens, positions, True)
+        cross_mask = make_cross_mask(jnp.ones_like(tokens), encoder_input_tokens)
+        x = self.decoder(x, None, positions, encoded=encoded, cross_mask=cross_mask, decode=True,
+                         decode_length=decode_length)
+        return self.logits(x)
+
     def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                  encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
                  decoder_positions=None, deterministic: bool = True):

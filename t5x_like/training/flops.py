@@ -7,6 +7,7 @@ tokens against the encoder's params and decoder tokens against the decoder's (pl
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Mapping
 
@@ -17,14 +18,21 @@ import numpy as np
 EMBEDDING_TABLES = ("token_embed", "position_embed", "type_embed", "relpos_bias")
 
 
-def _matmul_params(tree) -> int:
-    """Params of every kernel of rank >= 2 (dense layers), outside the embedding tables."""
-    total = 0
+def _matmul_params(tree, expert_fraction: float = 1.0) -> float:
+    """Params of every kernel of rank >= 2 (dense layers), outside the embedding tables.
+
+    MoE expert kernels (`mlp/wi*`, `mlp/wo` stored without a `kernel` level, see layers/moe.py)
+    count `expert_fraction` = top_k / num_experts of their size: a token only visits k experts.
+    """
+    total = 0.0
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         keys = [getattr(k, "key", str(k)) for k in path]
-        if any(k in EMBEDDING_TABLES for k in keys) or keys[-1] != "kernel":
+        if any(k in EMBEDDING_TABLES for k in keys):
             continue
-        total += int(np.prod(np.shape(leaf)))
+        if keys[-1] == "kernel":
+            total += int(np.prod(np.shape(leaf)))
+        elif len(keys) >= 2 and keys[-2] == "mlp" and re.fullmatch(r"w[io](_\d+)?", keys[-1]):
+            total += int(np.prod(np.shape(leaf))) * expert_fraction
     return total
 
 
@@ -39,11 +47,13 @@ def train_flops_per_example(model, params, lengths: Mapping[str, int]) -> float:
     `params`: the 'params' tree (arrays or ShapeDtypeStructs). `lengths`: feature -> row length.
     """
     cfg = model.config
+    experts = getattr(cfg, "num_experts", 0)
+    _count = (lambda tree: _matmul_params(tree, cfg.moe_top_k / experts)) if experts else _matmul_params
     unembed = cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0  # untied: a counted kernel
     if "encoder_input_tokens" in lengths and "decoder_input_tokens" in lengths:
         enc_len, dec_len = lengths["encoder_input_tokens"], lengths["decoder_input_tokens"]
-        enc = _matmul_params(params["encoder"])
-        dec = _matmul_params({k: v for k, v in params.items() if k != "encoder"})
+        enc = _count(params["encoder"])
+        dec = _count({k: v for k, v in params.items() if k != "encoder"})
         flops = 6 * (enc * enc_len + (dec + unembed) * dec_len)
         flops += _attention_flops(cfg, cfg.num_encoder_layers, enc_len, enc_len, causal=False)
         flops += _attention_flops(cfg, cfg.num_decoder_layers, dec_len, dec_len, causal=True)
@@ -51,7 +61,7 @@ def train_flops_per_example(model, params, lengths: Mapping[str, int]) -> float:
         return float(flops)
     causal = "decoder_input_tokens" in lengths
     length = lengths["decoder_input_tokens" if causal else "encoder_input_tokens"]
-    flops = 6 * (_matmul_params(params) + unembed) * length
+    flops = 6 * (_count(params) + unembed) * length
     return float(flops + _attention_flops(cfg, cfg.num_layers, length, length, causal=causal))
 
 

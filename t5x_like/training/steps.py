@@ -8,7 +8,9 @@ microbatches give the same update as one full batch.
 Metrics: `loss` (normalised training loss, with smoothing and z-loss), `grad_norm` (global norm of
 the normalised gradient, before clipping), `learning_rate` (at this step), `is_finite` are per
 step; `nll_sum`, `z_loss`, `tokens`, `correct` are sums over the batch's weighted target tokens,
-to be added across steps/hosts before dividing (perplexity = exp(nll_sum / tokens)).
+to be added across steps/hosts before dividing (perplexity = exp(nll_sum / tokens)). MoE models
+add `moe_aux_loss`, `moe_z_loss` (unweighted, summed over layers), `moe_dropped_fraction` and
+`moe_expert_usage_max/min` (averaged over layers), all per step; their weighted losses are in `loss`.
 """
 
 from __future__ import annotations
@@ -21,16 +23,36 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from t5x_like.layers.moe import MOE_LOSS_KEYS, MOE_METRIC_KEYS
 from t5x_like.training.losses import (NUM_REAL_TARGET_TOKENS, SUM_KEYS, LossNormalizingFactor,
                                       cross_entropy_sums, loss_normalizer, targets_and_weights)
 from t5x_like.training.train_state import TrainState
 
 
+def _uses_moe(model) -> bool:
+    return bool(getattr(model.config, "num_experts", 0))
+
+
+def _sum_keys(model) -> tuple[str, ...]:
+    return SUM_KEYS + (MOE_LOSS_KEYS + MOE_METRIC_KEYS if _uses_moe(model) else ())
+
+
 def _loss_sums(model, params, batch, dropout_rng, *, z_loss, label_smoothing, dropout):
-    logits = model.compute_logits({"params": params}, batch, dropout_rng=dropout_rng if dropout else None,
-                                  deterministic=not dropout)
+    kwargs = dict(dropout_rng=dropout_rng if dropout else None, deterministic=not dropout)
+    if _uses_moe(model):
+        logits, aux = model.compute_logits_and_aux({"params": params}, batch, **kwargs)
+    else:
+        logits, aux = model.compute_logits({"params": params}, batch, **kwargs), {}
     targets, weights = targets_and_weights(model, batch)
     sums = cross_entropy_sums(logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss)
+    if aux:
+        # Router losses are per-batch means; weighting them by the token count makes them add like
+        # a per-token loss, so the default normaliser turns them back into weight x mean, and
+        # microbatches average them by tokens. They never enter nll_sum (perplexity).
+        cfg, tokens = model.config, sums["tokens"]
+        router = cfg.moe_aux_loss_weight * aux["moe_aux_loss"] + cfg.moe_z_loss_weight * aux["moe_z_loss"]
+        sums["loss"] = sums["loss"] + tokens * router
+        sums.update({k: aux[k] * tokens for k in MOE_LOSS_KEYS + MOE_METRIC_KEYS})
     return sums["loss"], sums
 
 
@@ -68,7 +90,7 @@ def train_step(model, optimizer, state: TrainState, batch: Mapping, *, num_micro
             return jax.tree_util.tree_map(add, carry, (grads, sums)), None
 
         zeros = (jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
-                 {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS})
+                 {k: jnp.zeros((), jnp.float32) for k in _sum_keys(model)})
         micro = split_microbatches(batch, num_microbatches)
         (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(num_microbatches), micro))
 
@@ -81,6 +103,8 @@ def train_step(model, optimizer, state: TrainState, batch: Mapping, *, num_micro
     metrics = {"loss": loss, "nll_sum": sums["nll_sum"], "z_loss": sums["z_loss"], "tokens": sums["tokens"],
                "correct": sums["correct"], "grad_norm": grad_norm,
                "is_finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+    for k in _sum_keys(model)[len(SUM_KEYS):]:  # MoE: token-weighted means of the per-layer values
+        metrics[k] = sums[k] / jnp.maximum(sums["tokens"], 1.0)
     schedule = getattr(optimizer, "schedule", None)
     if schedule is not None:
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)

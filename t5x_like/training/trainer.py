@@ -82,6 +82,10 @@ def _step_scalars(window: list[dict], seconds: float, flops_per_step: float, pea
            "step_time_s": seconds / len(window), "tokens_per_s": sums["tokens"] / seconds}
     if "learning_rate" in window[-1]:
         out["learning_rate"] = float(window[-1]["learning_rate"])
+    # Per-step scalars the loop has no special rule for (e.g. MoE router metrics): window means.
+    for key in window[-1]:
+        if key not in out and key not in SUM_METRICS and key != "is_finite" and np.ndim(window[-1][key]) == 0:
+            out[key] = float(np.mean([float(m[key]) for m in window]))
     if peak > 0:
         out["mfu"] = flops_per_step * len(window) / seconds / peak
     return out
@@ -96,13 +100,16 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
           eval_every: int = 100, eval_batches: Optional[int] = 20, checkpoint_every: int = 100,
           keep_last: int = 3, keep_best: int = 1, async_checkpoints: bool = True,
           init_checkpoint: Optional[str] = None, measure_peak: bool = True, progress: bool = True,
-          unigram_baseline_batches: int = 0, gin_config_text: str = "") -> dict:
+          unigram_baseline_batches: int = 0, host_data: str = "shard", gin_config_text: str = "") -> dict:
     """Train until `train_steps` (resuming from MODEL_DIR); returns the last eval results.
 
     batch_size is global (all hosts); each host feeds batch_size / process_count rows of its own
     data shard. `init_checkpoint` (fine-tuning) seeds params from another run's checkpoint
     directory when MODEL_DIR has none yet. `unigram_baseline_batches` > 0 also reports the
     perplexity of token frequencies counted on that many train batches, on the same eval batches.
+    `host_data`: "shard" (each host reads its own shard of the data) or "slice" (each host reads
+    the whole stream and keeps the rows its devices hold: the same batches, hence the same run,
+    for any number of hosts).
     """
     model_dir = os.path.abspath(os.fspath(model_dir))
     os.makedirs(model_dir, exist_ok=True)
@@ -113,9 +120,16 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
         raise partitioning.MeshError(f"batch size {batch_size} is not divisible by {jax.process_count()} hosts")
     _write_gin(model_dir, "config.gin", gin_config_text)
 
-    iterator = data_iterators.get_iterator(mixture_or_task_name, task_feature_lengths, split="train",
-                                           batch_size=batch_size // jax.process_count(), shuffle=True,
-                                           seed=seed, pack=pack)
+    if host_data not in ("shard", "slice"):
+        raise ValueError(f"host_data={host_data!r}; use 'shard' or 'slice'")
+    if host_data == "slice":
+        iterator = data_iterators.get_iterator(mixture_or_task_name, task_feature_lengths, split="train",
+                                               batch_size=batch_size, shuffle=True, seed=seed, pack=pack,
+                                               host_rows=data_iterators.host_rows_of(mesh, batch_size))
+    else:
+        iterator = data_iterators.get_iterator(mixture_or_task_name, task_feature_lengths, split="train",
+                                               batch_size=batch_size // jax.process_count(), shuffle=True,
+                                               seed=seed, pack=pack)
     batch_shapes = _batch_shapes(iterator, batch_size)
     abstract = TrainState.abstract(model, optimizer, batch_shapes)
     with partitioning.activation_context(mesh):

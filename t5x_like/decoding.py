@@ -1,0 +1,354 @@
+"""Autoregressive decoding: greedy, temperature / top-k / top-p sampling and beam search.
+
+The whole loop is one compiled `lax.while_loop` (it stops early once every row has emitted EOS
+or, for beam search, once no row can improve). By default each step feeds one token per row
+through the KV cache (`decode=True` attention, Flax 'cache' collection); `use_cache=False`
+recomputes the full sequence at every step instead, which is the reference the cache is tested
+against and the baseline of `benchmarks/decode.py`.
+
+Prompts of different lengths: prompts are right-padded, and their tokens are fed through the same
+loop one per step ("forced" decoding, as T5X does): at step t, a row whose prompt is longer than
+t + 1 takes its next prompt token instead of a generated one. All rows therefore share one
+position and one cache index, no left padding or per-row position offsets are needed, and the
+output of a row is identical to decoding that row alone. The price is that a prompt is consumed
+one token per step rather than in one parallel pass.
+
+Decoder-only models: `prompts` are the decoder prefix (give the BOS id yourself if the model was
+trained with one; the LM tasks of this project start with pad id 0). Encoder-decoder models:
+`prompts` are the encoder inputs, and the decoder starts from `decoder_start_id` (0 for T5).
+
+Beam search follows Hugging Face's `generate(num_beams=..., do_sample=False)` step for step (2k
+candidates per step, finished hypotheses scored `sum_logprob / generated_length ** length_penalty`,
+`early_stopping` True / False / "never"), so the outputs are comparable token for token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5x_like.models.base import BaseModel, EncoderDecoderModel
+from t5x_like.models.decoder_only import DecoderOnly
+from t5x_like.models.encoder_decoder import EncoderDecoder
+
+METHODS = ("greedy", "sample", "beam")
+NEG = -1.0e9  # Hugging Face's "impossible" score offset; reused so tie-breaking matches
+
+
+@dataclasses.dataclass
+class DecodeResult:
+    """tokens [batch, max_new_tokens]: generated ids, EOS included, pad 0 after it;
+    lengths [batch]: generated tokens (EOS included); scores [batch]: sum of log-probabilities
+    (beam search: the length-penalised score used to rank hypotheses)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    scores: np.ndarray
+
+
+class DecodingError(ValueError):
+    """Bad decoding arguments; the message says which and what to use."""
+
+
+# ---------------------------------------------------------------- logits processing
+
+
+def process_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """Temperature, then top-k, then top-p (nucleus) filtering, in Hugging Face's order.
+
+    Top-p keeps the smallest set of most likely tokens whose probability reaches top_p (the
+    token that crosses the threshold is kept; at least one token always survives).
+    """
+    logits = logits.astype(jnp.float32) / jnp.float32(temperature)
+    if top_k and top_k > 0:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = mass_before < top_p
+        keep_sorted = keep_sorted.at[..., 0].set(True)
+        threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+# ---------------------------------------------------------------- the model step
+
+
+def _batch_axis(config) -> int:
+    """Cache leaves are [batch, ...], or [layers, batch, ...] when layers are scanned."""
+    return 1 if config.scan_layers else 0
+
+
+def _reorder_cache(cache, index, config):
+    """Gather cache rows (beam search: the beams each new beam came from)."""
+    axis = _batch_axis(config)
+    return jax.tree_util.tree_map(
+        lambda x: jnp.take(x, index, axis=axis) if x.ndim > axis + 1 else x, cache)
+
+
+def init_cache(model: BaseModel, params, batch: int, length: int, encoder_length: int = 1):
+    """Zero KV caches for `batch` rows of `length` positions (shapes traced, nothing computed)."""
+    cfg = model.config
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    if isinstance(model.module, EncoderDecoder):
+        encoded = jnp.zeros((batch, encoder_length, cfg.d_model), jnp.dtype(cfg.dtype))
+        enc_tokens = jnp.ones((batch, encoder_length), jnp.int32)
+        fn = lambda: model.module.init(jax.random.key(0), encoded, enc_tokens, tokens, positions, length,  # noqa: E731
+                                       method=EncoderDecoder.decode_step)
+    elif isinstance(model.module, DecoderOnly):
+        fn = lambda: model.module.init(jax.random.key(0), tokens, positions, length,  # noqa: E731
+                                       method=DecoderOnly.decode_step)
+    else:
+        raise DecodingError(f"{type(model).__name__} cannot generate: decoding needs a decoder-only or "
+                            "encoder-decoder model")
+    shapes = jax.eval_shape(fn)["cache"]
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _make_step(model: BaseModel, params, use_cache: bool, length: int, encoded=None, enc_tokens=None):
+    """step(aux, seq, t) -> (logits [rows, vocab] for the token after position t, aux)."""
+    module = model.module
+    is_ed = isinstance(module, EncoderDecoder)
+
+    if use_cache:
+        def step(cache, seq, t):
+            tok = jax.lax.dynamic_slice_in_dim(seq, t, 1, axis=1)
+            pos = jnp.full(tok.shape, t, jnp.int32)
+            args = (encoded, enc_tokens, tok, pos, length) if is_ed else (tok, pos, length)
+            method = EncoderDecoder.decode_step if is_ed else DecoderOnly.decode_step
+            logits, mutated = module.apply({"params": params, "cache": cache}, *args, method=method,
+                                           mutable=["cache"])
+            return logits[:, 0], mutated["cache"]
+    else:
+        def step(aux, seq, t):
+            if is_ed:
+                logits = module.apply({"params": params}, encoded, enc_tokens, seq, method=EncoderDecoder.decode)
+            else:
+                logits = module.apply({"params": params}, seq)
+            return jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False), aux
+    return step
+
+
+# ---------------------------------------------------------------- greedy and sampling
+
+
+def _sample_loop(step, aux, seq, lengths, max_new_tokens, eos_id, method, temperature, top_k, top_p, rng):
+    rows, total = seq.shape
+    last = lengths + max_new_tokens - 1  # index of each row's last allowed generated token
+
+    def cond(state):
+        t, _, done, *_ = state
+        return (t < total - 1) & ~jnp.all(done)
+
+    def body(state):
+        t, seq, done, scores, aux, rng = state
+        logits, aux = step(aux, seq, t)
+        rng, sub = jax.random.split(rng)
+        if method == "greedy":
+            chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            chosen = jax.random.categorical(sub, process_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+        forced = t + 1 < lengths
+        nxt = jnp.where(forced, seq[:, t + 1], jnp.where(done, 0, chosen))
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), chosen[:, None], axis=-1)[:, 0]
+        scores = scores + jnp.where(forced | done, 0.0, logp)
+        seq = jax.lax.dynamic_update_slice_in_dim(seq, nxt[:, None], t + 1, axis=1)
+        done = done | (~forced & ((nxt == eos_id) | (t + 1 >= last)))
+        return t + 1, seq, done, scores, aux, rng
+
+    state = (jnp.int32(0), seq, jnp.zeros((rows,), bool), jnp.zeros((rows,), jnp.float32), aux, rng)
+    _, seq, _, scores, _, _ = jax.lax.while_loop(cond, body, state)
+    return seq, scores
+
+
+# ---------------------------------------------------------------- beam search
+
+
+def _beam_loop(step, aux, seq, lengths, max_new_tokens, eos_id, num_beams, length_penalty, early_stopping,
+               config):
+    """Beam search over rows = batch * num_beams (beam-major within each batch row)."""
+    rows, total = seq.shape
+    batch, k = rows // num_beams, num_beams
+    cand = 2 * k
+    lengths_b = lengths.reshape(batch, k)[:, 0]
+    run_seq = seq.reshape(batch, k, total)
+    run_scores = jnp.tile(jnp.array([0.0] + [NEG] * (k - 1), jnp.float32), (batch, 1))
+    fin_seq = run_seq
+    fin_scores = jnp.full((batch, k), NEG, jnp.float32)
+    fin_flags = jnp.zeros((batch, k), bool)
+    unsatisfied = jnp.ones((batch,), bool)
+    top_mask = jnp.arange(cand) < k
+
+    def gather(x, idx):  # x [batch, n, ...], idx [batch, m]
+        return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    def cond(state):
+        t, *_, stop = state
+        return (t < total - 1) & ~jnp.all(stop)
+
+    def body(state):
+        t, run_seq, run_scores, fin_seq, fin_scores, fin_flags, unsatisfied, aux, _ = state
+        logits, aux = step(aux, run_seq.reshape(rows, total), t)
+        vocab = logits.shape[-1]
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, k, vocab)
+        total_lp = (logp + run_scores[:, :, None]).reshape(batch, k * vocab)
+        top_lp, top_idx = jax.lax.top_k(total_lp, cand)
+        src_beam, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
+        top_seq = gather(run_seq, src_beam)
+        top_seq = jax.lax.dynamic_update_slice_in_dim(top_seq, token[:, :, None], t + 1, axis=2)
+        gen_len = (t + 2 - lengths_b).astype(jnp.float32)  # generated tokens, this one included
+        hits = (token == eos_id) | ((t + 1) >= (lengths_b + max_new_tokens - 1))[:, None]
+
+        # Running beams: the best k candidates that did not stop.
+        run_lp = top_lp + hits.astype(jnp.float32) * NEG
+        keep = jax.lax.top_k(run_lp, k)[1]
+        new_run_seq, new_run_scores = gather(top_seq, keep), gather(run_lp, keep)
+        new_src = gather(src_beam, keep)
+
+        # Finished hypotheses: stopped candidates among the top k, length-penalised, merged.
+        just_finished = hits & top_mask[None]
+        fin_lp = top_lp / gen_len[:, None] ** length_penalty
+        full = jnp.all(fin_flags, axis=1) & (early_stopping is True)
+        fin_lp = fin_lp + full[:, None].astype(jnp.float32) * NEG
+        fin_lp = fin_lp + (~unsatisfied)[:, None].astype(jnp.float32) * NEG
+        fin_lp = fin_lp + (~just_finished).astype(jnp.float32) * NEG
+        m_seq = jnp.concatenate([fin_seq, top_seq], axis=1)
+        m_scores = jnp.concatenate([fin_scores, fin_lp], axis=1)
+        m_flags = jnp.concatenate([fin_flags, just_finished], axis=1)
+        best = jax.lax.top_k(m_scores, k)[1]
+        new_fin_seq, new_fin_scores, new_fin_flags = gather(m_seq, best), gather(m_scores, best), gather(m_flags, best)
+
+        # Can a running beam still beat the worst finished one?
+        if early_stopping == "never" and length_penalty > 0.0:
+            hyp_len = jnp.full((batch,), float(max_new_tokens))
+        else:
+            hyp_len = gen_len
+        best_running = new_run_scores[:, 0] / hyp_len ** length_penalty
+        worst = jnp.where(jnp.all(new_fin_flags, axis=1), jnp.min(new_fin_scores, axis=1), NEG)
+        new_unsatisfied = unsatisfied & (best_running > worst)
+
+        # Rows still reading their prompt take the prompt token on every beam and change nothing else.
+        forced = t + 1 < lengths_b
+        fb = forced[:, None]
+        prompt_tok = run_seq[:, :, t + 1]
+        forced_seq = jax.lax.dynamic_update_slice_in_dim(run_seq, prompt_tok[:, :, None], t + 1, axis=2)
+        sel = lambda a, b: jnp.where(fb.reshape(fb.shape + (1,) * (a.ndim - 2)), a, b)  # noqa: E731
+        run_seq = sel(forced_seq, new_run_seq)
+        run_scores = sel(run_scores, new_run_scores)
+        fin_seq = sel(fin_seq, new_fin_seq)
+        fin_scores = sel(fin_scores, new_fin_scores)
+        fin_flags = sel(fin_flags, new_fin_flags)
+        unsatisfied = jnp.where(forced, unsatisfied, new_unsatisfied)
+        src = jnp.where(fb, jnp.arange(k)[None], new_src)
+        flat_src = (src + jnp.arange(batch)[:, None] * k).reshape(rows)
+        aux = _reorder_cache(aux, flat_src, config) if aux is not None else aux
+
+        at_max = (t + 1) >= (lengths_b + max_new_tokens - 1)
+        stop = ~forced & (~unsatisfied | (jnp.all(fin_flags, axis=1) & (early_stopping is True)) | at_max)
+        return t + 1, run_seq, run_scores, fin_seq, fin_scores, fin_flags, unsatisfied, aux, stop
+
+    state = (jnp.int32(0), run_seq, run_scores, fin_seq, fin_scores, fin_flags, unsatisfied, aux,
+             jnp.zeros((batch,), bool))
+    out = jax.lax.while_loop(cond, body, state)
+    fin_seq, fin_scores = out[3], out[4]
+    return fin_seq[:, 0], fin_scores[:, 0]
+
+
+# ---------------------------------------------------------------- entry point
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "model", "max_new_tokens", "method", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
+    "early_stopping", "eos_id", "use_cache", "decoder_start_id"))
+def _generate(params, prompts, lengths, rng, *, model, max_new_tokens, method, temperature, top_k, top_p,
+              num_beams, length_penalty, early_stopping, eos_id, use_cache, decoder_start_id):
+    beams = num_beams if method == "beam" else 1
+    batch = prompts.shape[0]
+    encoded = enc_tokens = None
+    if isinstance(model.module, EncoderDecoder):
+        enc_tokens = jnp.repeat(prompts, beams, axis=0)
+        encoded = model.module.apply({"params": params}, prompts, method=EncoderDecoder.encode)
+        encoded = jnp.repeat(encoded, beams, axis=0)
+        prefix = jnp.full((batch, 1), decoder_start_id, jnp.int32)
+        lengths = jnp.ones((batch,), jnp.int32)
+    else:
+        prefix = prompts
+    total = prefix.shape[1] + max_new_tokens
+    seq = jnp.pad(prefix, ((0, 0), (0, max_new_tokens)))
+    seq = jnp.repeat(seq, beams, axis=0)
+    row_lengths = jnp.repeat(lengths, beams, axis=0)
+    aux = None
+    if use_cache:
+        aux = init_cache(model, params, batch * beams, total,
+                         encoder_length=prompts.shape[1] if enc_tokens is not None else 1)
+    step = _make_step(model, params, use_cache, total, encoded, enc_tokens)
+    if method == "beam":
+        seq, scores = _beam_loop(step, aux, seq, row_lengths, max_new_tokens, eos_id, num_beams,
+                                 length_penalty, early_stopping, model.config)
+    else:
+        seq, scores = _sample_loop(step, aux, seq, row_lengths, max_new_tokens, eos_id, method,
+                                   temperature, top_k, top_p, rng)
+    # Each row's generated tokens start right after its prompt.
+    idx = lengths[:, None] + jnp.arange(max_new_tokens)[None]
+    tokens = jnp.take_along_axis(seq, jnp.minimum(idx, total - 1), axis=1)
+    tokens = jnp.where(idx < total, tokens, 0)
+    is_eos = tokens == eos_id
+    after_eos = (jnp.cumsum(is_eos, axis=1) - is_eos) > 0
+    tokens = jnp.where(after_eos, 0, tokens)
+    gen_lengths = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1,
+                            jnp.minimum(max_new_tokens, total - lengths))
+    return tokens, gen_lengths, scores
+
+
+def generate(model: BaseModel, variables, prompts, *, prompt_lengths=None, max_new_tokens: int = 32,
+             method: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             num_beams: int = 4, length_penalty: float = 1.0,
+             early_stopping: Union[bool, str] = False, eos_id: int = 1, decoder_start_id: int = 0,
+             rng=None, use_cache: bool = True) -> DecodeResult:
+    """Decode up to max_new_tokens per row of `prompts` [batch, length] (right-padded int ids).
+
+    prompt_lengths [batch]: real tokens per prompt (decoder-only; default: all of them, since
+    0 may be a real BOS). Encoder-decoder prompts are encoder inputs padded with 0.
+    method: "greedy", "sample" (temperature, top_k (0 = off), top_p (1 = off)) or "beam"
+    (num_beams, length_penalty: score / length ** length_penalty, early_stopping as in HF).
+    """
+    if method not in METHODS:
+        raise DecodingError(f"method={method!r}; use one of {METHODS}")
+    if max_new_tokens < 1:
+        raise DecodingError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if method == "sample" and not temperature > 0:
+        raise DecodingError(f"temperature={temperature} must be > 0 (use method='greedy' for argmax)")
+    if method == "beam" and num_beams < 1:
+        raise DecodingError(f"num_beams={num_beams} must be at least 1")
+    if early_stopping not in (True, False, "never"):
+        raise DecodingError(f"early_stopping={early_stopping!r}; use True, False or 'never'")
+    prompts = np.asarray(prompts, np.int32)
+    if prompts.ndim != 2 or prompts.shape[1] < 1:
+        raise DecodingError(f"prompts must be [batch, length >= 1], got shape {prompts.shape}")
+    if prompt_lengths is None:
+        prompt_lengths = np.full((prompts.shape[0],), prompts.shape[1], np.int32)
+    prompt_lengths = np.asarray(prompt_lengths, np.int32)
+    if not isinstance(model, EncoderDecoderModel):
+        if np.any(prompt_lengths < 1) or np.any(prompt_lengths > prompts.shape[1]):
+            raise DecodingError(f"prompt_lengths {prompt_lengths.tolist()} must be in [1, {prompts.shape[1]}]")
+        cfg = model.config
+        if cfg.position_embedding == "learned" and prompts.shape[1] + max_new_tokens > cfg.max_position_embeddings:
+            raise DecodingError(f"prompt length {prompts.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+                                f"max_position_embeddings={cfg.max_position_embeddings}")
+    rng = jax.random.key(0) if rng is None else rng
+    tokens, lengths, scores = _generate(
+        variables["params"], jnp.asarray(prompts), jnp.asarray(prompt_lengths), rng, model=model,
+        max_new_tokens=int(max_new_tokens), method=method, temperature=float(temperature), top_k=int(top_k),
+        top_p=float(top_p), num_beams=int(num_beams), length_penalty=float(length_penalty),
+        early_stopping=early_stopping, eos_id=int(eos_id), use_cache=bool(use_cache),
+        decoder_start_id=int(decoder_start_id))
+    return DecodeResult(np.asarray(tokens), np.asarray(lengths), np.asarray(scores))

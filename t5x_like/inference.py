@@ -1,0 +1,154 @@
+"""`infer` and `score` modes: text in (a file or stdin, plain lines or JSONL), JSONL out.
+
+Text is tokenized with a vocabulary named by gin: a registered one ("spm", "byte") or a
+SentencePiece .model file, such as the spiece.model / tokenizer.model that `import_hf` copies
+next to model.gin when the Hugging Face folder has one. Decoder-only prompts start with `bos_id`
+(0, the BOS of this project's LM tasks; 1 for most LLaMA tokenizers; None for none);
+encoder-decoder inputs end with EOS (id 1), as T5 trains them.
+
+JSONL records: infer reads "input" (or "prompt" / "text"); score reads "input" and "target".
+A plain-text line is one prompt (infer) or "input<TAB>target" (score).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Iterator, Optional
+
+import gin
+import jax
+import numpy as np
+
+from t5x_like import decoding, evaluation
+from t5x_like.models.base import EncoderDecoderModel
+
+EOS = 1
+
+
+class InferenceError(ValueError):
+    """Bad input records or settings; the message names the line and the fix."""
+
+
+def load_vocabulary(vocabulary: str):
+    from t5x_like.data import vocabularies as vocab_lib
+    if vocabulary.endswith(".model"):
+        if not os.path.isfile(vocabulary):
+            raise FileNotFoundError(f"SentencePiece model {vocabulary!r} does not exist")
+        return vocab_lib.vocabulary_from_file(vocabulary)
+    return vocab_lib.get_vocabulary(vocabulary)
+
+
+def read_records(path: str, need_target: bool) -> Iterator[dict]:
+    """{"input", ["target"]} per non-empty line of a JSONL / text file ('-' = stdin)."""
+    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    try:
+        for n, line in enumerate(stream, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InferenceError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                text = next((rec[k] for k in ("input", "prompt", "text") if k in rec), None)
+                if text is None:
+                    raise InferenceError(f"{path}:{n}: a JSONL record needs an 'input' field")
+                out = {"input": text}
+                if need_target:
+                    if "target" not in rec:
+                        raise InferenceError(f"{path}:{n}: score needs a 'target' field")
+                    out["target"] = rec["target"]
+            elif need_target:
+                if "\t" not in line:
+                    raise InferenceError(f"{path}:{n}: score reads 'input<TAB>target' lines or JSONL")
+                inp, tgt = line.split("\t", 1)
+                out = {"input": inp, "target": tgt}
+            else:
+                out = {"input": line}
+            yield out
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+
+
+def _restore(model, checkpoint_dir: str, step: Optional[int]):
+    from t5x_like.training.checkpointing import restore_params
+    directory = os.path.join(checkpoint_dir, "checkpoints") \
+        if os.path.isdir(os.path.join(checkpoint_dir, "checkpoints")) else checkpoint_dir
+    target = jax.eval_shape(lambda: model.init_variables(jax.random.key(0)))["params"]
+    return {"params": restore_params(directory, step=step, target=target)}
+
+
+def _input_ids(model, vocab, text: str, bos_id: Optional[int]) -> list[int]:
+    ids = list(vocab.encode(text))
+    if isinstance(model, EncoderDecoderModel):
+        return ids + [EOS]
+    return ([bos_id] if bos_id is not None else []) + ids
+
+
+def _writer(path: Optional[str]):
+    return sys.stdout if path in (None, "-") else open(path, "w", encoding="utf-8")
+
+
+@gin.configurable(denylist=["input_path", "output_path"])
+def infer(input_path: str, output_path: Optional[str], *, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED,
+          vocabulary: str = "spm", step: Optional[int] = None, batch_size: int = 8, max_new_tokens: int = 32,
+          method: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+          num_beams: int = 4, length_penalty: float = 1.0, early_stopping=False, bos_id: Optional[int] = 0,
+          seed: int = 0, variables=None) -> int:
+    """Decode every prompt of input_path; one JSONL line {"input", "output", "tokens", "score"} each."""
+    vocab = load_vocabulary(vocabulary)
+    variables = _restore(model, checkpoint_dir, step) if variables is None else variables
+    records = list(read_records(input_path, need_target=False))
+    rng = jax.random.key(seed)
+    out = _writer(output_path)
+    try:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            ids = [_input_ids(model, vocab, r["input"], bos_id) for r in chunk]
+            if any(len(x) == 0 for x in ids):
+                raise InferenceError("an empty prompt with bos_id=None has nothing to start from; set bos_id")
+            width = max(len(x) for x in ids)
+            prompts = np.zeros((len(ids), width), np.int32)
+            for i, x in enumerate(ids):
+                prompts[i, :len(x)] = x
+            rng, sub = jax.random.split(rng)
+            res = decoding.generate(model, variables, prompts, prompt_lengths=[len(x) for x in ids],
+                                    max_new_tokens=max_new_tokens, method=method, temperature=temperature,
+                                    top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
+                                    early_stopping=early_stopping, eos_id=EOS, rng=sub)
+            for r, toks, n, s in zip(chunk, res.tokens, res.lengths, res.scores):
+                toks = [int(t) for t in toks[:n] if int(t) != EOS]
+                out.write(json.dumps({"input": r["input"], "output": vocab.decode(toks), "tokens": toks,
+                                      "score": float(s)}) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return len(records)
+
+
+@gin.configurable(denylist=["input_path", "output_path"])
+def score(input_path: str, output_path: Optional[str], *, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED,
+          vocabulary: str = "spm", step: Optional[int] = None, batch_size: int = 8, bos_id: Optional[int] = 0,
+          target_eos: bool = True, variables=None) -> int:
+    """Log-likelihood of each (input, target); JSONL {"input", "target", "log_likelihood", "target_tokens"}."""
+    vocab = load_vocabulary(vocabulary)
+    variables = _restore(model, checkpoint_dir, step) if variables is None else variables
+    records = list(read_records(input_path, need_target=True))
+    inputs = [_input_ids(model, vocab, r["input"], bos_id) for r in records]
+    targets = [list(vocab.encode(r["target"])) + ([EOS] if target_eos else []) for r in records]
+    if any(len(t) == 0 for t in targets):
+        raise InferenceError("an empty target with target_eos=False has nothing to score")
+    lls = evaluation.score_pairs(model, variables, inputs, targets, batch_size=batch_size)
+    out = _writer(output_path)
+    try:
+        for r, t, ll in zip(records, targets, lls):
+            out.write(json.dumps({"input": r["input"], "target": r["target"], "log_likelihood": float(ll),
+                                  "target_tokens": len(t)}) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return len(records)

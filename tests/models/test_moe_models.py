@@ -1,0 +1,122 @@
+"""MoE in every family: placement every N layers, scanning, training, sparse upcycling, FLOPs."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from t5x_like.interop.hf import stack_layers
+from t5x_like.models.config import ConfigError
+from t5x_like.models.upcycling import UpcyclingError, upcycle
+from t5x_like.training import flops, steps
+from t5x_like.training.train_state import TrainState
+
+MOE = dict(num_experts=4, moe_every_n_layers=2, moe_top_k=2)
+
+
+def _batch(tiny, model, rng, rows=4, length=8):
+    if "encoder_input_tokens" in model.required_features and "decoder_input_tokens" in model.required_features:
+        return {"encoder_input_tokens": tiny.tokens(rng, (rows, length)),
+                "decoder_input_tokens": tiny.tokens(rng, (rows, length)),
+                "decoder_target_tokens": tiny.tokens(rng, (rows, length))}
+    key = "decoder" if "decoder_input_tokens" in model.required_features else "encoder"
+    return {f"{key}_input_tokens": tiny.tokens(rng, (rows, length)),
+            f"{key}_target_tokens": tiny.tokens(rng, (rows, length))}
+
+
+def _stacks(params):
+    return [params[k] for k in ("encoder", "decoder") if k in params]
+
+
+@pytest.mark.parametrize("kind", ["llama", pytest.param("gpt2", marks=pytest.mark.slow), "t5", "bert"])
+def test_every_family_places_moe_every_n_layers_and_trains(kind, tiny):
+    model = tiny.model(kind, **MOE)  # 2 layers per stack: layers_0 dense, layers_1 MoE
+    batch = _batch(tiny, model, np.random.default_rng(0))
+    params = tiny.params(model)["params"]  # numpy draws: no init compile (the suite runs on 2 cores)
+    state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                       opt_state=optax.adam(3e-3).init(params), rng=jax.random.key_data(jax.random.key(0)))
+    for stack in _stacks(state.params):
+        for name, layer in stack.items():
+            if name.startswith("layers_"):
+                is_moe = int(name.split("_")[1]) % 2 == 1
+                assert ("router" in layer["mlp"]) == is_moe, name
+                if is_moe:
+                    assert layer["mlp"]["wo"].shape == (4, 64, 32)
+    step = jax.jit(lambda s, b: steps.train_step(model, optax.adam(3e-3), s, b, dropout=False))
+    losses = []
+    for _ in range(4):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+        assert 0.0 <= float(metrics["moe_dropped_fraction"]) < 1.0
+        assert float(metrics["moe_aux_loss"]) > 0.0 and float(metrics["moe_z_loss"]) > 0.0
+    assert losses[-1] < losses[0], losses
+
+
+def test_scanned_moe_equals_unscanned(tiny):
+    cfg = tiny.config("llama", num_experts=4, moe_top_k=2, moe_capacity_factor=1.0)
+    model, scanned = tiny.model(cfg), tiny.model(cfg.replace(scan_layers=True))
+    variables = tiny.params(model, seed=1)
+    batch = {"decoder_input_tokens": tiny.tokens(np.random.default_rng(0), (2, 8))}
+    logits, aux = jax.jit(model.compute_logits_and_aux)(variables, batch)
+    s_logits, s_aux = jax.jit(scanned.compute_logits_and_aux)({"params": stack_layers(variables["params"])}, batch)
+    np.testing.assert_allclose(np.asarray(s_logits), np.asarray(logits), rtol=1e-5, atol=1e-5)
+    for k in aux:
+        np.testing.assert_allclose(float(s_aux[k]), float(aux[k]), rtol=1e-5)
+    with pytest.raises(ConfigError, match="moe_every_n_layers=2"):
+        cfg.replace(scan_layers=True, moe_every_n_layers=2)
+
+
+@pytest.mark.parametrize("bad, match", [(dict(moe_top_k=5), "moe_top_k=5"), (dict(moe_capacity_factor=0.0), "capacity"),
+                                        (dict(moe_every_n_layers=0), "moe_every_n_layers"),
+                                        (dict(moe_group_size=0), "moe_group_size")])
+def test_bad_moe_config_is_refused(tiny, bad, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny.config("llama", num_experts=4, **bad)
+
+
+def test_dense_models_have_no_router_aux(tiny):
+    model = tiny.model("llama")
+    variables = tiny.params(model)
+    batch = {"decoder_input_tokens": tiny.tokens(np.random.default_rng(0), (2, 8))}
+    logits, aux = model.compute_logits_and_aux(variables, batch)
+    assert aux == {}
+    np.testing.assert_allclose(np.asarray(logits), tiny.logits(model, variables, batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, scan", [("llama", False), ("llama", True),
+                                        pytest.param("t5", False, marks=pytest.mark.slow)])
+def test_upcycled_model_equals_dense_when_nothing_is_dropped(kind, scan, tiny):
+    dense = tiny.model(kind, scan_layers=scan)
+    dense_vars = tiny.params(dense)
+    moe_cfg = dense.config.replace(num_experts=4, moe_top_k=2, moe_capacity_factor=None,
+                                   moe_every_n_layers=1 if scan else 2)
+    moe = tiny.model(moe_cfg)
+    moe_vars = upcycle(dense_vars, moe_cfg, jax.random.key(3))
+    rng = np.random.default_rng(0)
+    batch = {k: tiny.tokens(rng, (2, 8)) for k in dense.required_features}
+    np.testing.assert_allclose(tiny.logits(moe, moe_vars, batch), tiny.logits(dense, dense_vars, batch),
+                               rtol=1e-5, atol=1e-5)
+    stacks = _stacks(moe_vars["params"])
+    layer = stacks[0]["layers"] if scan else stacks[0]["layers_1"]
+    dense_layer = _stacks(dense_vars["params"])[0]["layers"] if scan else _stacks(dense_vars["params"])[0]["layers_1"]
+    for e in range(4):
+        expert = layer["mlp"]["wo"][:, e] if scan else layer["mlp"]["wo"][e]
+        np.testing.assert_array_equal(expert, dense_layer["mlp"]["wo"]["kernel"])
+
+
+def test_upcycling_refuses_a_different_architecture(tiny):
+    dense_vars = tiny.params(tiny.model("llama"))
+    with pytest.raises(UpcyclingError, match="shape"):
+        upcycle(dense_vars, tiny.config("llama", d_model=48, num_experts=4))
+
+
+def test_flops_count_only_routed_experts(tiny):
+    dense = tiny.model("llama", num_layers=2)
+    moe = tiny.model("llama", num_layers=2, num_experts=8, moe_top_k=2)
+    lengths = {"decoder_input_tokens": 8}
+    shapes = lambda m: jax.eval_shape(m.init_variables, jax.random.key(0))["params"]  # noqa: E731
+    extra = flops.train_flops_per_example(moe, shapes(moe), lengths) - \
+        flops.train_flops_per_example(dense, shapes(dense), lengths)
+    # k = 2 of 8 experts: twice the dense MLP work per layer (2 layers), plus the routers.
+    mlp = 3 * 32 * 64
+    assert extra == pytest.approx(6 * 8 * 2 * (mlp + 32 * 8))
