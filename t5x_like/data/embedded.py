@@ -100,7 +100,7 @@ def embedded_corpus_dir(*, rebuild: bool = False) -> str:
         _verified[final] = expected
         return final
     os.makedirs(root, exist_ok=True)
-    with _exclusive_lock(os.path.join(root, f".{EMBEDDED_NAME}.lock")):
+    with exclusive_lock(os.path.join(root, f".{EMBEDDED_NAME}.lock")):
         # Another process may have finished the build while this one waited for the lock.
         if rebuild or not _is_current(final, expected):
             _build_into(final, root)
@@ -115,7 +115,8 @@ def _is_current(corpus_dir: str, expected: str) -> bool:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: str):
+def exclusive_lock(path: str):
+    """Serialises builders of one cache entry across processes (hosts sharing a disk)."""
     with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

@@ -9,8 +9,6 @@ models (multi-threaded training perturbs the piece scores, which changes tokenis
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -91,7 +89,7 @@ def _train_sentencepiece(corpus, vocab_size, model_type, byte_fallback, characte
     if os.path.isfile(path):
         return path
     os.makedirs(folder, exist_ok=True)
-    with _exclusive_lock(path + ".lock"):
+    with embedded.exclusive_lock(path + ".lock"):
         if os.path.isfile(path):  # another process trained it while this one waited
             return path
         start = time.time()
@@ -125,16 +123,6 @@ def _train_sentencepiece(corpus, vocab_size, model_type, byte_fallback, characte
                            "training_seconds": last_training_seconds}, f, indent=1, sort_keys=True)
             os.replace(staged, path)  # atomic: readers see no file or the whole model
     return path
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: str):
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class CorpusSentencePieceVocabulary(seqio.SentencePieceVocabulary):

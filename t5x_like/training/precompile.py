@@ -27,7 +27,7 @@ import numpy as np
 from t5x_like import partitioning
 from t5x_like.training import flops as flops_lib
 from t5x_like.training import steps
-from t5x_like.training.train_state import TrainState, train_state_logical_axes
+from t5x_like.training.train_state import sharded_abstract_state
 
 GiB = 1024 ** 3
 
@@ -72,12 +72,7 @@ def precompile(model, *, task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
     mesh = mesh_fn()
     partitioning.check_batch_size(batch_size, mesh)
     shapes = batch_shapes_for(model, task_feature_lengths, batch_size)
-    abstract = TrainState.abstract(model, optimizer, shapes)
-    with partitioning.activation_context(mesh):
-        logical = train_state_logical_axes(model, abstract, shapes)
-        shardings = partitioning.logical_to_sharding(logical, mesh)
-    state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                   abstract, shardings)
+    state, shardings = sharded_abstract_state(model, optimizer, shapes, mesh)
     batch = {k: jax.ShapeDtypeStruct(s, np.int32, sharding=partitioning.batch_sharding(mesh, len(s)))
              for k, s in shapes.items()}
     step = steps.make_train_step(model, optimizer, num_microbatches=num_microbatches, z_loss=z_loss,
@@ -96,7 +91,7 @@ def precompile(model, *, task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
     out = int(getattr(mem, "output_size_in_bytes", 0))
     alias = int(getattr(mem, "alias_size_in_bytes", 0))
     temp = int(getattr(mem, "temp_size_in_bytes", 0))
-    num_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract.params))
+    num_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(state.params))
     report = {
         "model": type(model).__name__, "params": int(num_params), "mesh": dict(mesh.shape),
         "devices": int(mesh.size), "batch_size": batch_size, "lengths": dict(task_feature_lengths),
@@ -109,7 +104,7 @@ def precompile(model, *, task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
         # XLA counts a loop body once, so with scan_layers this undercounts by about the layer count.
         "flops_per_device": float(cost.get("flops", 0.0)),
         "model_flops_per_step": flops_lib.train_flops_per_example(
-            model, abstract.params, {k: s[1] for k, s in shapes.items()}) * batch_size,
+            model, state.params, {k: s[1] for k, s in shapes.items()}) * batch_size,
         "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
     }
     report["param_plus_opt_bytes_per_device"] = report["params_bytes_per_device"] + report["opt_state_bytes_per_device"]

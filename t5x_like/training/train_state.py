@@ -111,3 +111,16 @@ def train_state_logical_axes(model, state_shapes: TrainState, batch_shapes: Opti
     params_axes = model.logical_axes(_init_batch(batch_shapes))["params"]
     return TrainState(step=P(), params=params_axes, rng=P(),
                       opt_state=opt_state_logical_axes(state_shapes.opt_state, params_axes, state_shapes.params))
+
+
+def sharded_abstract_state(model, optimizer, batch_shapes: Mapping, mesh):
+    """(state ShapeDtypeStructs carrying their shardings, the shardings): targets for a sharded
+    init, a checkpoint restore onto `mesh`, or an ahead-of-time compile. Nothing is allocated."""
+    from t5x_like import partitioning
+
+    abstract = TrainState.abstract(model, optimizer, batch_shapes)
+    with partitioning.activation_context(mesh):
+        shardings = partitioning.logical_to_sharding(train_state_logical_axes(model, abstract, batch_shapes), mesh)
+    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract, shardings)
+    return target, shardings

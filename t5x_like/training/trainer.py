@@ -24,7 +24,7 @@ from t5x_like.training import flops as flops_lib
 from t5x_like.training import steps
 from t5x_like.training.checkpointing import Checkpointer, restore_params
 from t5x_like.training.metrics_writer import MetricsWriter
-from t5x_like.training.train_state import TrainState, init_fn, train_state_logical_axes
+from t5x_like.training.train_state import init_fn, sharded_abstract_state
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +131,7 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
                                                batch_size=batch_size // jax.process_count(), shuffle=True,
                                                seed=seed, pack=pack)
     batch_shapes = _batch_shapes(iterator, batch_size)
-    abstract = TrainState.abstract(model, optimizer, batch_shapes)
-    with partitioning.activation_context(mesh):
-        logical = train_state_logical_axes(model, abstract, batch_shapes)
-        state_shardings = partitioning.logical_to_sharding(logical, mesh)
-    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    abstract, state_shardings)
+    target, state_shardings = sharded_abstract_state(model, optimizer, batch_shapes, mesh)
 
     checkpointer = Checkpointer(os.path.join(model_dir, "checkpoints"), save_interval_steps=checkpoint_every,
                                 keep_last=keep_last, keep_best=keep_best, async_save=async_checkpoints)
@@ -169,7 +164,7 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
     evaluator = evaluation.Evaluator(model, mixture_or_task_name, task_feature_lengths, batch_size, mesh,
                                      param_shardings=state_shardings.params, max_batches=eval_batches, seed=seed)
     lengths = {k: v[1] for k, v in batch_shapes.items()}
-    flops_per_step = flops_lib.train_flops_per_example(model, abstract.params, lengths) * batch_size
+    flops_per_step = flops_lib.train_flops_per_example(model, target.params, lengths) * batch_size
     peak = flops_lib.measure_matmul_peak() if measure_peak else 0.0
     writer = MetricsWriter(model_dir, total_steps=train_steps, initial_step=start, progress=progress)
     if start == 0 and gin_config_text:
