@@ -99,3 +99,42 @@ def test_score_pairs_match_transformers(llama):
             logp = torch.log_softmax(ref(input_ids=ids).logits.double(), -1)[0].numpy()
         want = sum(logp[len(x) - 1 + j, tok] for j, tok in enumerate(t))
         assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_hf_checkpoint_evaluates_with_its_own_sentencepiece_model(llama, text_file, tmp_path):
+    """import_hf copies the checkpoint's tokenizer.model; evaluating a text file with it tokenizes
+    exactly as that SentencePiece model does, and the perplexity still equals transformers'."""
+    import sentencepiece as spm
+
+    from t5x_like import main
+
+    ref, _, _ = llama
+    corpus = tmp_path / "spm_train.txt"
+    corpus.write_text("\n".join(TEXT * 4) + "\n")
+    hf_dir = tmp_path / "hf"
+    ref.save_pretrained(str(hf_dir), safe_serialization=True)
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(hf_dir / "tokenizer"), vocab_size=60,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+                                   num_threads=1, minloglevel=2)
+    out = tmp_path / "imported"
+    assert main.main(["import_hf", f"--hf_dir={hf_dir}", f"--output_dir={out}"]) == 0
+    shipped = out / "tokenizer.model"
+    assert shipped.read_bytes() == (hf_dir / "tokenizer.model").read_bytes()
+
+    model, variables = hf.load(str(hf_dir))
+    task = evaluation.text_file_task(text_file, vocabulary=str(shipped))
+    ds = iterators.get_dataset(task, LENGTHS, split="validation", batch_size=8, shuffle=False, seed=0,
+                               num_epochs=1, objective="lm", pack=False)
+    stream = np.concatenate([row[row > 0] for b in ds.as_numpy_iterator() for row in b["decoder_target_tokens"]])
+    sp = spm.SentencePieceProcessor(model_file=str(shipped))
+    expected = np.concatenate([sp.encode(line) + [1] for line in TEXT])
+    np.testing.assert_array_equal(stream, expected[:len(stream)])
+    assert len(stream) > 0.9 * len(expected)
+
+    evaluator = evaluation.Evaluator(model, task, LENGTHS, batch_size=8, mesh=partitioning.create_mesh(),
+                                     max_batches=None)
+    ours = evaluator.evaluate(variables["params"])[task]
+    nll, tokens = hf_sums(ref, task)
+    assert ours["tokens"] == tokens > 0
+    theirs = float(np.exp(nll / tokens))
+    assert abs(ours["perplexity"] - theirs) / theirs < 1e-4, (ours["perplexity"], theirs)
