@@ -76,10 +76,8 @@ def read_records(path: str, need_target: bool) -> Iterator[dict]:
 
 def _restore(model, checkpoint_dir: str, step: Optional[int]):
     from t5x_like.training.checkpointing import restore_params
-    directory = os.path.join(checkpoint_dir, "checkpoints") \
-        if os.path.isdir(os.path.join(checkpoint_dir, "checkpoints")) else checkpoint_dir
     target = jax.eval_shape(lambda: model.init_variables(jax.random.key(0)))["params"]
-    return {"params": restore_params(directory, step=step, target=target)}
+    return {"params": restore_params(checkpoint_dir, step=step, target=target)}
 
 
 def _input_ids(model, vocab, text: str, bos_id: Optional[int]) -> list[int]:

@@ -65,7 +65,7 @@ def import_hf(hf_dir: str, output_dir: str) -> None:
     if not hf_dir or not output_dir:
         raise UsageError("import_hf needs --hf_dir=DIR (a save_pretrained folder) and --output_dir=DIR")
     model, variables = hf.load(hf_dir)
-    ckpt_dir = os.path.join(output_dir, "checkpoints")
+    ckpt_dir = checkpointing.checkpoints_dir(output_dir)
     if os.path.exists(ckpt_dir) and os.listdir(ckpt_dir):
         raise UsageError(f"{ckpt_dir} already holds checkpoints; choose an empty --output_dir")
     step_dir = checkpointing.save_params(ckpt_dir, 0, variables["params"])

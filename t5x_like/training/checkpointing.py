@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 STATE, DATA_STATE, GIN_CONFIG = "state", "data_state", "gin_config"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 CORRUPT_DIR = "corrupt"
+RUN_CHECKPOINTS = "checkpoints"  # the subfolder of a run directory holding step folders
 
 
 class CheckpointError(ValueError):
@@ -52,11 +53,19 @@ def save_params(directory: str, step: int, params) -> str:
     return os.path.join(directory, str(step))
 
 
+def checkpoints_dir(run_dir: str) -> str:
+    """Where a run (MODEL_DIR, or an `import_hf` output folder) keeps its step folders."""
+    return os.path.join(os.path.abspath(os.fspath(run_dir)), RUN_CHECKPOINTS)
+
+
 def restore_params(directory: str, step: Optional[int] = None, target=None):
     """Params of checkpoint `step` (default: latest); `target` (arrays or ShapeDtypeStructs) fixes
     shapes, dtypes and shardings, otherwise they come back as saved, on the default device.
-    Reads import folders (`params` item) and training folders (`state.params`) alike."""
+    `directory` is a run folder (MODEL_DIR, an import) or its checkpoints folder. Reads import
+    folders (`params` item) and training folders (`state.params`) alike."""
     directory = os.path.abspath(os.fspath(directory))
+    if os.path.isdir(checkpoints_dir(directory)):
+        directory = checkpoints_dir(directory)
     if not os.path.isdir(directory):
         raise CheckpointError(f"no checkpoint directory {directory}; pass the folder that holds step folders")
     options = ocp.CheckpointManagerOptions(read_only=True)

@@ -22,7 +22,7 @@ from t5x_like import evaluation, partitioning
 from t5x_like.data import iterators as data_iterators
 from t5x_like.training import flops as flops_lib
 from t5x_like.training import steps
-from t5x_like.training.checkpointing import Checkpointer, restore_params
+from t5x_like.training.checkpointing import Checkpointer, checkpoints_dir, restore_params
 from t5x_like.training.metrics_writer import MetricsWriter
 from t5x_like.training.train_state import init_fn, sharded_abstract_state
 
@@ -133,7 +133,7 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
     batch_shapes = _batch_shapes(iterator, batch_size)
     target, state_shardings = sharded_abstract_state(model, optimizer, batch_shapes, mesh)
 
-    checkpointer = Checkpointer(os.path.join(model_dir, "checkpoints"), save_interval_steps=checkpoint_every,
+    checkpointer = Checkpointer(checkpoints_dir(model_dir), save_interval_steps=checkpoint_every,
                                 keep_last=keep_last, keep_best=keep_best, async_save=async_checkpoints)
     restored = checkpointer.restore_latest(target)
     if restored is not None:
@@ -146,9 +146,7 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
             state = jax.jit(init_fn(model, optimizer, batch_shapes), out_shardings=state_shardings)(
                 jax.random.key_data(jax.random.key(seed)))
         if init_checkpoint:
-            params = restore_params(os.path.join(init_checkpoint, "checkpoints")
-                                    if os.path.isdir(os.path.join(init_checkpoint, "checkpoints"))
-                                    else init_checkpoint, target=target.params)
+            params = restore_params(init_checkpoint, target=target.params)
             state = state.replace(params=params)
     start = int(jax.device_get(state.step))
 
@@ -254,13 +252,11 @@ def evaluate(*, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED, mixture_
     evaluation.check_task(mixture_or_task_name)
     mesh = mesh_fn()
     partitioning.check_batch_size(batch_size, mesh)
-    directory = os.path.join(checkpoint_dir, "checkpoints") \
-        if os.path.isdir(os.path.join(checkpoint_dir, "checkpoints")) else checkpoint_dir
     abstract = jax.eval_shape(lambda: model.init_variables(jax.random.key(0)))["params"]
     shardings = partitioning.logical_to_sharding(model.logical_axes()["params"], mesh)
     target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract, shardings)
-    params = restore_params(directory, step=step, target=target)
+    params = restore_params(checkpoint_dir, step=step, target=target)
     evaluator = evaluation.Evaluator(model, mixture_or_task_name, task_feature_lengths, batch_size, mesh,
                                      param_shardings=shardings, split=split, max_batches=eval_batches, seed=seed)
     results = evaluator.evaluate(params)
