@@ -5,13 +5,15 @@ import json
 import numpy as np
 import pytest
 
-import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
 from t5x_like.interop import hf
 
+from causal_lm_parity import hf_logits, our_logits, padded_batch  # noqa: E402
+
 LENGTH = 16
+LENGTHS = (LENGTH, 11, 5)  # one full row, two padded
 CONFIGS = {
     "small": dict(vocab_size=128, n_embd=32, n_head=4, n_layer=2, n_positions=32),
     "wider_gelu": dict(vocab_size=256, n_embd=64, n_head=8, n_layer=2, n_positions=48, n_inner=96,
@@ -26,29 +28,12 @@ def build(name):
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIGS[name])).eval()
 
 
-def padded_batch(vocab, lengths=(LENGTH, 11, 5), seed=0):
-    """Token ids right-padded with 0 and the matching attention mask (1 = real token)."""
-    ids = np.random.default_rng(seed).integers(1, vocab, (len(lengths), LENGTH))
-    mask = np.arange(LENGTH)[None] < np.asarray(lengths)[:, None]
-    return np.where(mask, ids, 0).astype(np.int32), mask
-
-
-def hf_logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                     attention_mask=torch.as_tensor(mask, dtype=torch.long)).logits.numpy()
-
-
-def our_logits(model, variables, ids):
-    return np.asarray(model.compute_logits(variables, {"decoder_input_tokens": ids}))
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_match(name, tmp_path, save_hf, assert_logits_match, relative_error):
     ref_model = build(name)
     model, variables = hf.load(save_hf(ref_model, tmp_path / "hf"))
     assert model.config.tie_embeddings == ref_model.config.tie_word_embeddings
-    ids, mask = padded_batch(ref_model.config.vocab_size)
+    ids, mask = padded_batch(ref_model.config.vocab_size, LENGTHS)
     ours, ref = our_logits(model, variables, ids), hf_logits(ref_model, ids, mask)
     print(f"{name}: max relative error {relative_error(ours, ref, mask):.3g}")
     assert_logits_match(ours, ref, mask)
@@ -58,7 +43,7 @@ def test_logits_match(name, tmp_path, save_hf, assert_logits_match, relative_err
 def test_scan_layers_and_round_trip(name, tmp_path, save_hf, assert_logits_match):
     ref_model = build(name)
     path = save_hf(ref_model, tmp_path / "hf")
-    ids, mask = padded_batch(ref_model.config.vocab_size)
+    ids, mask = padded_batch(ref_model.config.vocab_size, LENGTHS)
     model, variables = hf.load(path)
     first = our_logits(model, variables, ids)
 
@@ -87,7 +72,7 @@ def test_legacy_weight_names(tmp_path, save_hf, assert_logits_match, caplog):
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     model, variables = hf.load(path)
     assert "not used" not in caplog.text
-    ids, mask = padded_batch(ref_model.config.vocab_size)
+    ids, mask = padded_batch(ref_model.config.vocab_size, LENGTHS)
     assert_logits_match(our_logits(model, variables, ids), hf_logits(ref_model, ids, mask), mask)
 
 

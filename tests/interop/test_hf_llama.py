@@ -5,12 +5,14 @@ import json
 import numpy as np
 import pytest
 
-import torch
 import transformers
 
 from t5x_like.interop import hf, hf_llama
 
+from causal_lm_parity import hf_logits, our_logits, padded_batch  # noqa: E402
+
 LENGTH = 16
+LENGTHS = (LENGTH, 11, 5)  # one full row, two padded
 BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=64)
 CONFIGS = {
@@ -30,24 +32,6 @@ def build(name):
     return model_cls(cfg_cls(**{**BASE, **overrides})).eval()
 
 
-def padded_batch(vocab, lengths=(LENGTH, 11, 5), seed=0):
-    """Token ids right-padded with 0 and the matching attention mask (1 = real token)."""
-    ids = np.random.default_rng(seed).integers(1, vocab, (len(lengths), LENGTH))
-    mask = np.arange(LENGTH)[None] < np.asarray(lengths)[:, None]
-    return np.where(mask, ids, 0).astype(np.int32), mask
-
-
-def hf_logits(model, ids, mask=None):
-    with torch.no_grad():
-        out = model(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                    attention_mask=None if mask is None else torch.as_tensor(mask, dtype=torch.long))
-    return out.logits.numpy()
-
-
-def our_logits(model, variables, ids, **features):
-    return np.asarray(model.compute_logits(variables, {"decoder_input_tokens": ids, **features}))
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_match(name, tmp_path, save_hf, assert_logits_match, relative_error):
     ref_model = build(name)
@@ -56,7 +40,7 @@ def test_logits_match(name, tmp_path, save_hf, assert_logits_match, relative_err
     assert (c.num_kv_heads, c.head_dim, c.tie_embeddings, c.sliding_window) == (
         hc.num_key_value_heads, hc.head_dim, hc.tie_word_embeddings, getattr(hc, "sliding_window", None))
     assert c.rotary_theta == hc.rope_parameters["rope_theta"]
-    ids, mask = padded_batch(hc.vocab_size)
+    ids, mask = padded_batch(hc.vocab_size, LENGTHS)
     ours, ref = our_logits(model, variables, ids), hf_logits(ref_model, ids, mask)
     print(f"{name}: max relative error {relative_error(ours, ref, mask):.3g}")
     assert_logits_match(ours, ref, mask)
@@ -66,7 +50,7 @@ def test_logits_match(name, tmp_path, save_hf, assert_logits_match, relative_err
 def test_scan_layers_and_round_trip(name, tmp_path, save_hf, assert_logits_match):
     ref_model = build(name)
     path = save_hf(ref_model, tmp_path / "hf")
-    ids, mask = padded_batch(ref_model.config.vocab_size)
+    ids, mask = padded_batch(ref_model.config.vocab_size, LENGTHS)
     model, variables = hf.load(path)
     first = our_logits(model, variables, ids)
 
@@ -89,7 +73,7 @@ def test_sliding_window_is_hf_semantics(tmp_path, save_hf, relative_error):
     """Only window 4 reproduces HF Mistral's window 4: pins the off-by-one convention of the mask."""
     ref_model = build("mistral_window4")
     path = save_hf(ref_model, tmp_path / "hf")
-    ids, _ = padded_batch(ref_model.config.vocab_size, lengths=(LENGTH, LENGTH))
+    ids, _ = padded_batch(ref_model.config.vocab_size, (LENGTH, LENGTH))
     ref = hf_logits(ref_model, ids)
     for window in (3, 4, 5, None):
         model, variables = hf.load(path, sliding_window=window)

@@ -12,7 +12,10 @@ import transformers
 
 from t5x_like.interop import hf
 
+from causal_lm_parity import hf_logits, padded_batch  # noqa: E402
+
 LENGTH = 12
+LENGTHS = (LENGTH, 9, 4)  # one full row, two padded
 BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
             tie_word_embeddings=False)
@@ -20,19 +23,6 @@ BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_laye
 
 def build(**overrides):
     return transformers.MixtralForCausalLM(transformers.MixtralConfig(**{**BASE, **overrides})).eval()
-
-
-def padded_batch(vocab, lengths=(LENGTH, 9, 4), seed=0):
-    ids = np.random.default_rng(seed).integers(1, vocab, (len(lengths), LENGTH))
-    mask = np.arange(LENGTH)[None] < np.asarray(lengths)[:, None]
-    return np.where(mask, ids, 0).astype(np.int32), mask
-
-
-def hf_logits(model, ids, mask=None):
-    with torch.no_grad():
-        out = model(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                    attention_mask=None if mask is None else torch.as_tensor(mask, dtype=torch.long))
-    return out.logits.numpy()
 
 
 def our_logits(model, variables, ids):
@@ -55,7 +45,7 @@ def test_logits_match_without_dropping(checkpoint, assert_logits_match, relative
     c = model.config
     assert (c.num_experts, c.moe_top_k, c.moe_capacity_factor, c.moe_every_n_layers) == (4, 2, None, 1)
     assert "router" in variables["params"]["decoder"]["layers_1"]["mlp"]
-    ids, mask = padded_batch(c.vocab_size)
+    ids, mask = padded_batch(c.vocab_size, LENGTHS)
     ours, aux = our_logits(model, variables, ids)
     ref = hf_logits(ref_model, ids, mask)
     print(f"mixtral: max relative error {relative_error(ours, ref, mask):.3g}")
@@ -76,7 +66,7 @@ def test_round_trip_through_transformers(checkpoint, tmp_path):
     hf.save(model, variables, out)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(reloaded) is transformers.MixtralForCausalLM
-    ids, mask = padded_batch(model.config.vocab_size)
+    ids, mask = padded_batch(model.config.vocab_size, LENGTHS)
     np.testing.assert_array_equal(hf_logits(reloaded, ids, mask), hf_logits(ref_model, ids, mask))
 
 
@@ -93,7 +83,7 @@ def test_fused_expert_layout_is_read(checkpoint, tmp_path, assert_logits_match):
     save_file(state, str(fused / "model.safetensors"), metadata={"format": "pt"})
     model, variables = hf.load(fused)
     base_model, base_vars = hf.load(path)
-    ids, _ = padded_batch(model.config.vocab_size)
+    ids, _ = padded_batch(model.config.vocab_size, LENGTHS)
     assert_logits_match(our_logits(model, variables, ids)[0], our_logits(base_model, base_vars, ids)[0], rtol=1e-6)
 
 
