@@ -105,15 +105,11 @@ def free_port() -> int:
 
 
 def cli_args(model_dir, steps=20, extra=()):
-    return [sys.executable, "-m", "t5x_like.main", "train", "--gin_file=models/llama_tiny.gin",
-            "--gin_file=runs/pretrain.gin", f"--gin.MODEL_DIR='{model_dir}'",
-            "--gin.MIXTURE_OR_TASK_NAME='embedded_lm_byte'", "--gin.TASK_FEATURE_LENGTHS={'targets': 64}",
-            f"--gin.TRAIN_STEPS={steps}", "--gin.BATCH_SIZE=8", "--gin.DecoderOnlyConfig.num_layers=2",
-            "--gin.DecoderOnlyConfig.vocab_size=384", "--gin.DecoderOnlyConfig.d_model=64",
-            "--gin.DecoderOnlyConfig.head_dim=16", "--gin.DecoderOnlyConfig.mlp_dim=128",
-            "--gin.train.dropout=False", "--gin.train.log_every=1", "--gin.train.eval_every=0",
-            "--gin.train.checkpoint_every=10", "--gin.train.measure_peak=False", "--gin.train.progress=False",
-            "--gin.create_mesh.data=2", "--gin.create_mesh.fsdp=4", "--gin.train.host_data='slice'", *extra]
+    return [sys.executable, "-m", "t5x_like.main", "train",
+            f"--gin_file={os.path.join(REPO, 'tests', 'tiny_lm_run.gin')}",
+            f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={steps}", "--gin.train.dropout=False",
+            "--gin.train.checkpoint_every=10", "--gin.create_mesh.data=2", "--gin.create_mesh.fsdp=4",
+            "--gin.train.host_data='slice'", *extra]
 
 
 def env_with_devices(n, **extra):

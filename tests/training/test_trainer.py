@@ -57,16 +57,13 @@ def test_each_family_learns_and_reports_perplexity(family, tmp_path):
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "train"))
 
 
+TINY_RUN_GIN = os.path.join(REPO, "tests", "tiny_lm_run.gin")
+
+
 def cli_args(model_dir, steps=24, extra=()):
-    return [sys.executable, "-m", "t5x_like.main", "train", "--gin_file=models/llama_tiny.gin",
-            "--gin_file=runs/pretrain.gin", f"--gin.MODEL_DIR='{model_dir}'",
-            "--gin.MIXTURE_OR_TASK_NAME='embedded_lm_byte'", "--gin.TASK_FEATURE_LENGTHS={'targets': 64}",
-            f"--gin.TRAIN_STEPS={steps}", "--gin.BATCH_SIZE=8", "--gin.DecoderOnlyConfig.num_layers=2",
-            "--gin.DecoderOnlyConfig.vocab_size=384", "--gin.DecoderOnlyConfig.d_model=64",
-            "--gin.DecoderOnlyConfig.head_dim=16", "--gin.DecoderOnlyConfig.mlp_dim=128",
-            "--gin.DecoderOnlyConfig.dropout_rate=0.1", "--gin.train.log_every=1", "--gin.train.eval_every=0",
-            "--gin.train.checkpoint_every=4", "--gin.train.measure_peak=False", "--gin.train.progress=False",
-            *extra]
+    return [sys.executable, "-m", "t5x_like.main", "train", f"--gin_file={TINY_RUN_GIN}",
+            f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_STEPS={steps}",
+            "--gin.DecoderOnlyConfig.dropout_rate=0.1", "--gin.train.checkpoint_every=4", *extra]
 
 
 def run_cli(args, **kw):
