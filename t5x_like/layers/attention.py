@@ -133,19 +133,23 @@ class MultiHeadAttention(nn.Module):
 
         if self.scale_scores:
             q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
+        # Heads before positions ([b, kv_heads, group, length, head_dim]) so both products are plain
+        # batched matmuls; the [b, l, h, d] einsums made XLA:CPU copy-transpose scores and values.
         groups = self.num_heads // self.num_kv_heads
         q = rearrange(q, "b l (k g) d -> b k g l d", g=groups)
-        scores = jnp.einsum("bkgld,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+        k = rearrange(k, "b s k d -> b k s d")
+        v = rearrange(v, "b s k d -> b k s d")
+        scores = jnp.einsum("bkgld,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
         if bias is not None:
             scores = scores + rearrange(jnp.asarray(bias, jnp.float32), "b (k g) l s -> b k g l s", g=groups)
-        if mask is not None:
+        if mask is not None:  # an additive -inf-like bias: one add instead of a select per score
             big_neg = jnp.finfo(jnp.float32).min
-            scores = jnp.where(mask[:, :, None] > 0, scores, big_neg)
+            scores = scores + jnp.where(mask > 0, 0.0, big_neg)[:, :, None]
         weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         if self.dropout_rate > 0.0 and not self.deterministic:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-        out = jnp.einsum("bkgls,bskd->blkgd", weights, v)
-        out = rearrange(out, "b l k g d -> b l (k g) d")
+        out = jnp.einsum("bkgls,bksd->bkgld", weights, v)
+        out = rearrange(out, "b k g l d -> b l (k g) d")
         out = DenseGeneral(inputs_q.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1),
                            use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="out")(out)

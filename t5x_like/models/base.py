@@ -6,7 +6,7 @@ build on; batches use seqio feature-converter names.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,16 @@ from t5x_like.models.config import DecoderOnlyConfig, EncoderDecoderConfig, Enco
 from t5x_like.models.decoder_only import DecoderOnly
 from t5x_like.models.encoder_decoder import EncoderDecoder
 from t5x_like.models.encoder_only import EncoderOnly
+
+
+class OutputHead(NamedTuple):
+    """logits = (hidden * scale) . weight (+ bias): the projection a fused loss applies itself.
+    weight is [vocab, embed] when `vocab_major` (a tied embedding table), else [embed, vocab]."""
+
+    weight: jax.Array
+    bias: Optional[jax.Array] = None
+    vocab_major: bool = False
+    scale: Optional[float] = None
 
 
 class BaseModel:
@@ -79,6 +89,24 @@ class BaseModel:
                                           mutable=["intermediates"])
         return logits, collect_moe_aux(state.get("intermediates", {}))
 
+    def compute_hidden_and_aux(self, variables, batch: Mapping, *, dropout_rng=None, deterministic: bool = True):
+        """(hidden, aux): the network's output before the logits projection, which `output_head`
+        describes, and the MoE aux as in `compute_logits_and_aux`. For losses that project in chunks."""
+        rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+        if not deterministic and dropout_rng is None:
+            raise ValueError("compute_hidden_and_aux(deterministic=False) needs a dropout_rng")
+        hidden, state = self.module.apply(variables, **self._inputs(batch), deterministic=deterministic, rngs=rngs,
+                                          return_hidden=True, mutable=["intermediates"])
+        return hidden, collect_moe_aux(state.get("intermediates", {}))
+
+    def output_head(self, params) -> OutputHead:
+        """The logits projection's parameters in `params` (tied table or dense kernel)."""
+        cfg = self.config
+        if cfg.tie_embeddings:
+            return OutputHead(params["token_embed"]["embedding"], vocab_major=True,
+                              scale=cfg.d_model ** -0.5 if cfg.scale_tied_logits else None)
+        return OutputHead(params["logits_dense"]["kernel"])
+
     @staticmethod
     def num_params(variables) -> int:
         return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(variables.get("params", variables))))
@@ -114,6 +142,9 @@ class EncoderOnlyModel(BaseModel):
 
     def __init__(self, config: EncoderOnlyConfig = gin.REQUIRED):
         super().__init__(config)
+
+    def output_head(self, params) -> OutputHead:
+        return super().output_head(params)._replace(bias=params["mlm_bias"])
 
 
 MODEL_FOR_CONFIG = {EncoderDecoderConfig: EncoderDecoderModel, DecoderOnlyConfig: DecoderOnlyModel,

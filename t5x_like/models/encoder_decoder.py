@@ -28,7 +28,7 @@ class EncoderDecoder(NetworkBase):
 
     def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None,
-               deterministic: bool = True):
+               deterministic: bool = True, return_hidden: bool = False):
         batch, length = decoder_input_tokens.shape
         positions = default_positions(decoder_input_tokens, decoder_positions)
         x = self.dropout(self.embed(decoder_input_tokens, positions, deterministic), deterministic)
@@ -38,7 +38,7 @@ class EncoderDecoder(NetworkBase):
                         else jnp.ones_like(decoder_input_tokens))
         cross_mask = make_cross_mask(query_tokens, encoder_input_tokens, decoder_segment_ids, encoder_segment_ids)
         x = self.decoder(x, mask, positions, encoded=encoded, cross_mask=cross_mask, deterministic=deterministic)
-        return self.logits(x)
+        return x if return_hidden else self.logits(x)
 
     def decode_step(self, encoded, encoder_input_tokens, tokens, positions, decode_length: int):
         """Decoder logits for one token per row through the self-attention KV cache (see DecoderOnly)."""
@@ -50,7 +50,9 @@ class EncoderDecoder(NetworkBase):
 
     def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                  encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
-                 decoder_positions=None, deterministic: bool = True):
+                 decoder_positions=None, deterministic: bool = True, return_hidden: bool = False):
+        """Logits, or with `return_hidden` the decoder output before the projection (fused loss)."""
         encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions, deterministic)
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
-                           encoder_segment_ids, decoder_segment_ids, decoder_positions, deterministic)
+                           encoder_segment_ids, decoder_segment_ids, decoder_positions, deterministic,
+                           return_hidden)

@@ -49,8 +49,9 @@ class EncoderOnly(NetworkBase):
         return self.encoder(x, mask, positions, deterministic=deterministic)
 
     def __call__(self, encoder_input_tokens, encoder_segment_ids=None, encoder_positions=None,
-                 encoder_token_types=None, deterministic: bool = True):
+                 encoder_token_types=None, deterministic: bool = True, return_hidden: bool = False):
+        """MLM logits, or with `return_hidden` the MLM head's input to the projection (fused loss)."""
         x = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions, encoder_token_types,
                         deterministic)
         x = self.mlm_norm(ACTIVATION_FNS[self.config.mlm_head_activation](self.mlm_transform(x)))
-        return self.logits(x) + self.mlm_bias
+        return x if return_hidden else self.logits(x) + self.mlm_bias

@@ -26,6 +26,7 @@ import optax
 from t5x_like.layers.moe import MOE_LOSS_KEYS, MOE_METRIC_KEYS
 from t5x_like.training.losses import (NUM_REAL_TARGET_TOKENS, SUM_KEYS, LossNormalizingFactor,
                                       cross_entropy_sums, loss_normalizer, targets_and_weights)
+from t5x_like.training.fused_loss import fused_cross_entropy_sums
 from t5x_like.training.train_state import TrainState
 
 
@@ -37,14 +38,19 @@ def _sum_keys(model) -> tuple[str, ...]:
     return SUM_KEYS + (MOE_LOSS_KEYS + MOE_METRIC_KEYS if _uses_moe(model) else ())
 
 
-def _loss_sums(model, params, batch, dropout_rng, *, z_loss, label_smoothing, dropout):
+def _loss_sums(model, params, batch, dropout_rng, *, z_loss, label_smoothing, dropout, fused_loss):
     kwargs = dict(dropout_rng=dropout_rng if dropout else None, deterministic=not dropout)
-    if _uses_moe(model):
-        logits, aux = model.compute_logits_and_aux({"params": params}, batch, **kwargs)
-    else:
-        logits, aux = model.compute_logits({"params": params}, batch, **kwargs), {}
     targets, weights = targets_and_weights(model, batch)
-    sums = cross_entropy_sums(logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss)
+    if fused_loss:
+        hidden, aux = model.compute_hidden_and_aux({"params": params}, batch, **kwargs)
+        sums = fused_cross_entropy_sums(hidden, model.output_head(params), targets, weights,
+                                        label_smoothing=label_smoothing, z_loss=z_loss)
+    else:
+        if _uses_moe(model):
+            logits, aux = model.compute_logits_and_aux({"params": params}, batch, **kwargs)
+        else:
+            logits, aux = model.compute_logits({"params": params}, batch, **kwargs), {}
+        sums = cross_entropy_sums(logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss)
     if aux:
         # Router losses are per-batch means; weighting them by the token count makes them add like
         # a per-token loss, so the default normaliser turns them back into weight x mean, and
@@ -73,12 +79,15 @@ def split_microbatches(batch: Mapping, num_microbatches: int) -> dict:
 
 def train_step(model, optimizer, state: TrainState, batch: Mapping, *, num_microbatches: int = 1,
                z_loss: float = 0.0, label_smoothing: float = 0.0, dropout: bool = True,
-               loss_normalizing_factor: LossNormalizingFactor = NUM_REAL_TARGET_TOKENS):
-    """One optimizer update -> (new_state, metrics). `optimizer`: an `Optimizer` or optax transformation."""
+               loss_normalizing_factor: LossNormalizingFactor = NUM_REAL_TARGET_TOKENS, fused_loss: bool = True):
+    """One optimizer update -> (new_state, metrics). `optimizer`: an `Optimizer` or optax transformation.
+
+    `fused_loss` projects to the vocabulary inside the loss, chunk by chunk (training/fused_loss.py);
+    False materialises the full logits first (same values, more memory and time)."""
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     step_rng = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.grad(functools.partial(_loss_sums, model, z_loss=z_loss, label_smoothing=label_smoothing,
-                                         dropout=dropout), has_aux=True)
+                                         dropout=dropout, fused_loss=fused_loss), has_aux=True)
 
     if num_microbatches <= 1:
         grads, sums = grad_fn(state.params, batch, step_rng)
@@ -122,11 +131,12 @@ def eval_step(model, params, batch: Mapping) -> dict:
 @gin.configurable(denylist=["model", "optimizer"])
 def make_train_step(model, optimizer, *, num_microbatches: int = 1, z_loss: float = 0.0,
                     label_smoothing: float = 0.0, dropout: bool = True,
-                    loss_normalizing_factor: LossNormalizingFactor = NUM_REAL_TARGET_TOKENS, **jit_kwargs):
+                    loss_normalizing_factor: LossNormalizingFactor = NUM_REAL_TARGET_TOKENS,
+                    fused_loss: bool = True, **jit_kwargs):
     """jit(state, batch) -> (state, metrics), the state donated; extra kwargs (shardings) go to jit."""
     fn = functools.partial(train_step, model, optimizer, num_microbatches=num_microbatches, z_loss=z_loss,
                            label_smoothing=label_smoothing, dropout=dropout,
-                           loss_normalizing_factor=loss_normalizing_factor)
+                           loss_normalizing_factor=loss_normalizing_factor, fused_loss=fused_loss)
     return jax.jit(fn, donate_argnums=(0,), **jit_kwargs)
 
 

@@ -1,0 +1,139 @@
+"""Cross-entropy fused with the output projection, chunk by chunk, gradients computed on the way.
+
+The plain path materialises float32 logits [batch, length, vocab] (537 MB for 8 x 512 x 32k), then
+log-probabilities, then their gradient and a transposed copy of it for the weight gradient: about
+2 GB of temporaries that are each written once and read once, which on a CPU costs more than the
+two matmuls around them. Here the sequence is cut into chunks along `length` (batch sharding is
+kept); each chunk's logits live only inside one `lax.scan` iteration, and since the loss is a sum,
+its gradients with respect to the hidden states, the projection and its bias are computed right
+there, scaled by the incoming cotangent in the backward pass. No logits are recomputed.
+
+Only the returned `loss` sum is differentiable; `nll_sum`, `z_loss`, `tokens` and `correct` are
+statistics (gradient-stopped). The result equals `losses.cross_entropy_sums` on the full logits.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5x_like.models.base import OutputHead
+
+
+def chunk_length(length: int, batch: int, vocab: int, max_bytes: int = 32 * 2 ** 20) -> int:
+    """The largest divisor of `length` whose float32 chunk logits [batch, chunk, vocab] fit `max_bytes`
+    (about a CPU's last-level cache; at least 1)."""
+    best = 1
+    for c in range(1, length + 1):
+        if length % c == 0 and batch * c * vocab * 4 <= max_bytes:
+            best = c
+    return best
+
+
+def _first_argmax(logits, row_max):
+    """jnp.argmax (the first index of the maximum) as one min-reduction: XLA:CPU runs argmax's
+    (value, index) pair reduction about 10x slower than this over a 32k vocabulary."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(logits == row_max[..., None], iota, logits.shape[-1]), axis=-1)
+
+
+def _chunk_loss_and_grads(x, weight, bias, targets, weights, static):
+    """One chunk: (sums, dx, dweight, dbias) of sum_t weights_t * loss_t. x [B, c, D]."""
+    vocab_major, scale, z_loss, label_smoothing = static
+    xs = x if scale is None else x * jnp.asarray(scale, x.dtype)
+    w = weight.astype(x.dtype)
+    spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
+    logits = jnp.einsum(spec, xs, w, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    e = jnp.exp(logits - m)
+    s = jnp.sum(e, axis=-1, keepdims=True)
+    lse = (m + jnp.log(s))[..., 0]
+    probs = e / s
+    onehot = jax.nn.one_hot(targets, vocab, dtype=jnp.float32)
+    target_logit = jnp.sum(logits * onehot, axis=-1)
+    nll = lse - target_logit
+    ce, dce = nll, probs - onehot
+    if label_smoothing:
+        confidence, low = 1.0 - label_smoothing, label_smoothing / (vocab - 1)
+        entropy = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
+        sum_log_probs = jnp.sum(logits, axis=-1) - vocab * lse
+        ce = (confidence - low) * nll - low * sum_log_probs - entropy
+        dce = (confidence - low) * dce - low * (1.0 - vocab * probs)
+    z = z_loss * jnp.square(lse)
+    dlogits = (dce + (2.0 * z_loss) * lse[..., None] * probs) * weights[..., None]
+    sums = {"loss": jnp.sum((ce + z) * weights), "nll_sum": jnp.sum(nll * weights),
+            "z_loss": jnp.sum(z * weights), "tokens": jnp.sum(weights),
+            "correct": jnp.sum((_first_argmax(logits, m[..., 0]) == targets) * weights)}
+    dl = dlogits.astype(x.dtype)
+    dx = jnp.einsum("bcv,vd->bcd" if vocab_major else "bcv,dv->bcd", dl, w, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("bcv,bcd->vd" if vocab_major else "bcd,bcv->dv", *((dl, xs) if vocab_major else (xs, dl)),
+                    preferred_element_type=jnp.float32)
+    if scale is not None:
+        dx = dx * scale
+    dbias = None if bias is None else jnp.sum(dlogits, axis=(0, 1))
+    return sums, dx.astype(x.dtype), dw, dbias
+
+
+def _scan_chunks(x, weight, bias, targets, weights, static, chunk):
+    """Sums, dx, dweight, dbias over all chunks of the length axis."""
+    b, length, d = x.shape
+    n = length // chunk
+    split = lambda a: jnp.swapaxes(a.reshape((b, n, chunk) + a.shape[2:]), 0, 1)  # noqa: E731
+
+    def body(carry, xs):
+        sums, dw, db = carry
+        x_c, t_c, w_c = xs
+        s, dx_c, dw_c, db_c = _chunk_loss_and_grads(x_c, weight, bias, t_c, w_c, static)
+        sums = {k: sums[k] + s[k] for k in sums}
+        return (sums, dw + dw_c, None if db is None else db + db_c), dx_c
+
+    zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "nll_sum", "z_loss", "tokens", "correct")}
+    init = (zeros, jnp.zeros(weight.shape, jnp.float32),
+            None if bias is None else jnp.zeros(bias.shape, jnp.float32))
+    (sums, dw, db), dx = jax.lax.scan(body, init, (split(x), split(targets), split(weights)))
+    dx = jnp.swapaxes(dx, 0, 1).reshape(b, length, d)
+    return sums, dx, dw, db
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _fused(x, weight, bias, targets, weights, static, chunk):
+    return _fused_fwd(x, weight, bias, targets, weights, static, chunk)[0]
+
+
+def _fused_fwd(x, weight, bias, targets, weights, static, chunk):
+    sums, dx, dw, db = _scan_chunks(x, weight, bias, targets, weights, static, chunk)
+    return sums, (dx, dw.astype(weight.dtype), None if db is None else db.astype(bias.dtype))
+
+
+def _fused_bwd(static, chunk, residuals, cotangent):
+    g = cotangent["loss"]  # the statistics are gradient-stopped by the caller
+    scaled = lambda a: None if a is None else g.astype(a.dtype) * a  # noqa: E731
+    return tuple(scaled(a) for a in residuals) + (None, None)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_cross_entropy_sums(hidden, head: OutputHead, targets, weights, *, z_loss: float = 0.0,
+                             label_smoothing: float = 0.0, chunk: Optional[int] = None) -> dict:
+    """`losses.cross_entropy_sums(project(hidden), ...)` without materialising the logits.
+
+    hidden [batch, length, embed] (the network's output before the projection); `chunk` positions
+    per scan step (default: `chunk_length`, a divisor of length).
+    """
+    b, length, _ = hidden.shape
+    vocab = head.weight.shape[0 if head.vocab_major else 1]
+    chunk = chunk or chunk_length(length, b, vocab)
+    if length % chunk:
+        raise ValueError(f"loss chunk {chunk} does not divide the sequence length {length}; pick a divisor")
+    static = (bool(head.vocab_major), head.scale, float(z_loss), float(label_smoothing))
+    sums = _fused(hidden, head.weight, head.bias, jnp.asarray(targets, jnp.int32),
+                  jnp.asarray(weights, jnp.float32), static, chunk)
+    return {k: v if k == "loss" else jax.lax.stop_gradient(v) for k, v in sums.items()}
