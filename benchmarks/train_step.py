@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from t5x_like import host_runtime
+
 FAMILIES = ("decoder_only", "encoder_decoder", "encoder_only", "moe")
 D_MODEL, HEADS, LAYERS, MLP, VOCAB, BATCH, SEQ, DEC_SEQ = 512, 8, 6, 2048, 32768, 8, 512, 128
 EXPERTS, TOP_K, CAPACITY = 8, 2, 1.25
@@ -199,7 +201,8 @@ def worker(args) -> None:
 def spawn(framework: str, family: str, dtype: str, checkpoint: str, steps: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--framework", framework, "--family", family, "--dtype", dtype,
            "--checkpoint", checkpoint, "--steps", str(steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # Both frameworks get the allocator settings `python -m t5x_like.main` runs with (host_runtime.py).
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=host_runtime.tuned_env())
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]

@@ -1,0 +1,86 @@
+"""The fused, chunked cross-entropy equals the plain one on materialised logits: sums and gradients."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t5x_like.models import base
+from t5x_like.models.config import DecoderOnlyConfig, EncoderDecoderConfig, EncoderOnlyConfig
+from t5x_like.training import fused_loss, losses, steps
+
+SMALL = dict(vocab_size=97, d_model=32, num_heads=4, head_dim=8, mlp_dim=64)
+MODELS = {
+    "decoder_untied": lambda: base.DecoderOnlyModel(DecoderOnlyConfig(num_layers=2, tie_embeddings=False,
+                                                                       position_embedding="rotary", **SMALL)),
+    "decoder_tied_scaled": lambda: base.DecoderOnlyModel(DecoderOnlyConfig(num_layers=2, tie_embeddings=True,
+                                                                           scale_tied_logits=True, **SMALL)),
+    "bert_bias": lambda: base.EncoderOnlyModel(EncoderOnlyConfig(num_layers=2, position_embedding="learned",
+                                                                 norm_type="layer", use_bias=True, **SMALL)),
+    "encoder_decoder": lambda: base.EncoderDecoderModel(EncoderDecoderConfig(num_encoder_layers=2,
+                                                                             num_decoder_layers=2, **SMALL)),
+}
+
+
+def _batch(model, rng, b=3, length=12):
+    tokens = rng.integers(1, SMALL["vocab_size"], (b, length)).astype(np.int32)
+    targets = rng.integers(1, SMALL["vocab_size"], (b, length)).astype(np.int32)
+    weights = (rng.random((b, length)) < 0.7).astype(np.float32)
+    if isinstance(model, base.EncoderOnlyModel):
+        return {"encoder_input_tokens": tokens, "encoder_target_tokens": targets, "encoder_loss_weights": weights}
+    batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": targets, "decoder_loss_weights": weights}
+    if isinstance(model, base.EncoderDecoderModel):
+        batch["encoder_input_tokens"] = tokens[:, ::-1].copy()
+    return batch
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("z_loss,label_smoothing", [(0.0, 0.0), (1e-3, 0.1)])
+def test_fused_equals_materialised_logits(name, z_loss, label_smoothing):
+    model = MODELS[name]()
+    batch = _batch(model, np.random.default_rng(0))
+    params = model.init_variables(jax.random.key(0), batch)["params"]
+    results = {}
+    for fused in (False, True):
+        loss_fn = functools.partial(steps._loss_sums, model, z_loss=z_loss, label_smoothing=label_smoothing,
+                                    dropout=False, fused_loss=fused)
+        (_, sums), grads = jax.value_and_grad(lambda p: loss_fn(p, batch, None), has_aux=True)(params)
+        results[fused] = (sums, grads)
+    (plain, plain_grads), (fused, fused_grads) = results[False], results[True]
+    for key in losses.SUM_KEYS:
+        np.testing.assert_allclose(fused[key], plain[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(plain_grads))
+    for (path, g_plain), g_fused in zip(jax.tree_util.tree_leaves_with_path(plain_grads),
+                                        jax.tree_util.tree_leaves(fused_grads)):
+        np.testing.assert_allclose(g_fused, g_plain, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+def test_chunks_add_up_and_only_loss_is_differentiable():
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.standard_normal((2, 8, 16)), jnp.float32)
+    head = base.OutputHead(jnp.asarray(rng.standard_normal((16, 50)), jnp.float32))
+    targets = rng.integers(0, 50, (2, 8))
+    weights = np.ones((2, 8), np.float32)
+    logits = jnp.einsum("bld,dv->blv", hidden, head.weight)
+    expected = losses.cross_entropy_sums(logits, targets, weights, z_loss=1e-4)
+    for chunk in (1, 2, 8):
+        got = fused_loss.fused_cross_entropy_sums(hidden, head, targets, weights, z_loss=1e-4, chunk=chunk)
+        for key in losses.SUM_KEYS:
+            np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, err_msg=f"{key} chunk={chunk}")
+    grad = jax.grad(lambda h: fused_loss.fused_cross_entropy_sums(h, head, targets, weights)["nll_sum"])(hidden)
+    assert not np.any(np.asarray(grad))  # statistics are gradient-stopped
+    with pytest.raises(ValueError, match="does not divide"):
+        fused_loss.fused_cross_entropy_sums(hidden, head, targets, weights, chunk=3)
+
+
+def test_first_argmax_matches_argmax_on_ties():
+    logits = jnp.asarray([[[1.0, 3.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+    np.testing.assert_array_equal(fused_loss._first_argmax(logits, jnp.max(logits, -1)), jnp.argmax(logits, -1))
+
+
+def test_chunk_length_divides_and_fits():
+    assert fused_loss.chunk_length(512, 8, 32768) == 32
+    assert fused_loss.chunk_length(7, 1, 10) == 7
+    assert fused_loss.chunk_length(12, 64, 2 ** 20) == 1
