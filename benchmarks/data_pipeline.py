@@ -1,10 +1,14 @@
 """Throughput of each objective's input pipeline on the embedded corpus, on this machine.
 
     python benchmarks/data_pipeline.py [--vocab spm|byte] [--length 512] [--batch_size 16] [--seconds 8]
+                                       [--no_step]
 
 For every objective it prints packed rows/s, task examples/s (examples before packing), tokens/s
 (non-padding tokens the model reads: encoder inputs + decoder targets) and the fill ratio of the
-packed rows, then how fast a resumed iterator skips consumed batches. The last line summarises.
+packed rows, then how fast a resumed iterator skips consumed batches. Unless --no_step, it also
+times the medium train step of the family each objective feeds (benchmarks/train_step.py: batch 8,
+length 512, float32) and prints how many times faster the pipeline makes rows than the step
+consumes them (each measured alone on the same cores). The last line summarises.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ tf.config.set_visible_devices([], "GPU")  # the accelerator belongs to JAX
 
 import t5x_like.data as data  # noqa: E402
 from t5x_like.data import embedded, vocabularies  # noqa: E402
+
+
+# The model family each objective trains (train_step.py's medium configs).
+FAMILY_OF_OBJECTIVE = {"span_corruption": "encoder_decoder", "lm": "decoder_only", "prefix_lm": "decoder_only",
+                       "mlm": "encoder_only"}
 
 
 def _tokens_and_examples(batch) -> tuple[int, int, int]:
@@ -78,6 +87,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per objective")
     parser.add_argument("--skip_batches", type=int, default=200)
     parser.add_argument("--objectives", nargs="*", default=list(data.OBJECTIVES))
+    parser.add_argument("--no_step", action="store_true", help="skip timing the train steps")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -111,6 +121,23 @@ def main() -> None:
     print("summary: " + ", ".join(f"{r['objective']} {r['tokens_s']:.0f} tok/s ({r['examples_s']:.0f} ex/s)"
                                   for r in results)
           + f"; slowest {slowest['objective']}; fill ratio {np.mean([r['fill'] for r in results]):.2f}")
+
+    if not args.no_step:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import train_step
+
+        step_s = {}
+        for r in results:
+            family = FAMILY_OF_OBJECTIVE[r["objective"]]
+            if family not in step_s:
+                step_s[family] = train_step.time_step(family)
+            consumed = train_step.BATCH / step_s[family]
+            r["headroom"] = r["rows_s"] / consumed
+            print(f"{r['objective']:<16} feeds {family} at {consumed:.2f} rows/s ({step_s[family]:.2f} s per "
+                  f"{train_step.BATCH}-row step): pipeline {r['rows_s']:.1f} rows/s = {r['headroom']:.0f}x", flush=True)
+        worst = min(results, key=lambda r: r["headroom"])
+        print(f"RESULT input pipeline / train-step consumption: worst {worst['headroom']:.0f}x "
+              f"({worst['objective']}; target 10x)")
 
 
 if __name__ == "__main__":

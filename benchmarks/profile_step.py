@@ -26,27 +26,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import train_step as bench  # noqa: E402
 
 
-def medium_model(family: str, dtype: str):
-    """The medium config train_step.py imports from transformers, built directly."""
-    from t5x_like.models import base
-    from t5x_like.models.config import DecoderOnlyConfig, EncoderDecoderConfig, EncoderOnlyConfig
-
-    common = dict(vocab_size=bench.VOCAB, d_model=bench.D_MODEL, num_heads=bench.HEADS, head_dim=bench.D_MODEL // bench.HEADS,
-                  mlp_dim=bench.MLP, dtype=dtype)
-    if family in ("decoder_only", "moe"):
-        moe = dict(num_experts=bench.EXPERTS, moe_top_k=bench.TOP_K, moe_capacity_factor=bench.CAPACITY) \
-            if family == "moe" else {}
-        cfg = DecoderOnlyConfig(num_layers=bench.LAYERS, mlp_activations=("silu", "linear"), position_embedding="rotary",
-                                tie_embeddings=False, norm_epsilon=1e-6, **moe, **common)
-    elif family == "encoder_only":
-        cfg = EncoderOnlyConfig(num_layers=bench.LAYERS, mlp_activations=("gelu",), position_embedding="learned",
-                                norm_type="layer", norm_position="post", use_bias=True, **common)
-    else:
-        cfg = EncoderDecoderConfig(num_encoder_layers=bench.LAYERS, num_decoder_layers=bench.LAYERS,
-                                   mlp_activations=("gelu_tanh", "linear"), tie_embeddings=False, **common)
-    return base.model_for_config(cfg)
-
-
 def op_times(trace_dir: str) -> collections.Counter:
     """Microseconds per op name from the perfetto trace (complete events on device/XLA threads)."""
     path = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
@@ -122,7 +101,7 @@ def main():
     from t5x_like.training import optimizers, steps as steps_lib
     from t5x_like.training.train_state import TrainState
 
-    model = medium_model(args.family, args.dtype)
+    model = bench.medium_model(args.family, args.dtype)
     optimizer = optimizers.adamw(peak_learning_rate=1e-4, warmup_steps=10, decay_steps=1000)
     batch = jax.device_put(bench.make_batch(args.family))
     state = jax.jit(lambda rng: TrainState.create(model, optimizer, rng, batch))(jax.random.key(0))

@@ -92,6 +92,27 @@ def make_batch(family: str, seed: int = 0) -> dict:
             "decoder_loss_weights": np.ones((BATCH, DEC_SEQ), np.float32)}
 
 
+def medium_model(family: str, dtype: str):
+    """The medium config train_step.py imports from transformers, built directly."""
+    from t5x_like.models import base
+    from t5x_like.models.config import DecoderOnlyConfig, EncoderDecoderConfig, EncoderOnlyConfig
+
+    common = dict(vocab_size=VOCAB, d_model=D_MODEL, num_heads=HEADS, head_dim=D_MODEL // HEADS,
+                  mlp_dim=MLP, dtype=dtype)
+    if family in ("decoder_only", "moe"):
+        moe = dict(num_experts=EXPERTS, moe_top_k=TOP_K, moe_capacity_factor=CAPACITY) \
+            if family == "moe" else {}
+        cfg = DecoderOnlyConfig(num_layers=LAYERS, mlp_activations=("silu", "linear"), position_embedding="rotary",
+                                tie_embeddings=False, norm_epsilon=1e-6, **moe, **common)
+    elif family == "encoder_only":
+        cfg = EncoderOnlyConfig(num_layers=LAYERS, mlp_activations=("gelu",), position_embedding="learned",
+                                norm_type="layer", norm_position="post", use_bias=True, **common)
+    else:
+        cfg = EncoderDecoderConfig(num_encoder_layers=LAYERS, num_decoder_layers=LAYERS,
+                                   mlp_activations=("gelu_tanh", "linear"), tie_embeddings=False, **common)
+    return base.model_for_config(cfg)
+
+
 def tokens_per_step(batch: dict) -> int:
     return sum(v.size for k, v in batch.items() if k.endswith("input_tokens"))
 
@@ -135,6 +156,7 @@ def run_t5x_like(family: str, dtype: str, checkpoint: str, steps: int) -> dict:
         holder["state"], metrics = compiled(holder["state"], batch)
         jax.block_until_ready(metrics["loss"])
         holder["loss"] = float(metrics["loss"])
+        holder.setdefault("first_loss", holder["loss"])  # same weights and batch in both frameworks
 
     seconds = timed_steps(step, steps)
     lengths = {k: v.shape[1] for k, v in batch.items()}
@@ -143,13 +165,12 @@ def run_t5x_like(family: str, dtype: str, checkpoint: str, steps: int) -> dict:
     memory = compiled.memory_analysis()
     temp = getattr(memory, "temp_size_in_bytes", 0) / 2 ** 30 if memory is not None else float("nan")
     return {"seconds": seconds, "flops": flops, "peak": peak, "rss_gib": peak_rss_gib(), "temp_gib": temp,
-            "tokens": tokens_per_step(batch), "loss": holder["loss"], "threads": os.cpu_count()}
+            "tokens": tokens_per_step(batch), "loss": holder["first_loss"], "threads": os.cpu_count()}
 
 
 def run_transformers(family: str, dtype: str, checkpoint: str, steps: int) -> dict:
     import contextlib
 
-    import numpy as np
     import torch
 
     model = hf_model_class(family).from_pretrained(checkpoint, torch_dtype=torch.float32).train()
@@ -183,14 +204,36 @@ def run_transformers(family: str, dtype: str, checkpoint: str, steps: int) -> di
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         holder["loss"] = float(loss)
+        holder.setdefault("first_loss", holder["loss"])
 
     seconds = timed_steps(step, steps)
     n = 2048
     a = torch.ones(n, n, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     best = timed_steps(lambda: torch.mm(a, a), 5)
     return {"seconds": seconds, "peak": 2 * n ** 3 / best, "rss_gib": peak_rss_gib(), "temp_gib": float("nan"),
-            "tokens": tokens_per_step(b), "loss": holder["loss"], "threads": torch.get_num_threads(),
+            "tokens": tokens_per_step(b), "loss": holder["first_loss"], "threads": torch.get_num_threads(),
             "flops": float("nan")}
+
+
+def time_step(family: str, dtype: str = "float32", steps: int = 2) -> float:
+    """Best seconds per t5x_like train step of the medium model built directly (no transformers)."""
+    import jax
+
+    from t5x_like.training import optimizers, steps as steps_lib
+    from t5x_like.training.train_state import TrainState
+
+    model = medium_model(family, dtype)
+    optimizer = optimizers.adamw(peak_learning_rate=1e-4, warmup_steps=10, decay_steps=1000)
+    batch = jax.device_put(make_batch(family))
+    state = jax.jit(lambda rng: TrainState.create(model, optimizer, rng, batch))(jax.random.key(0))
+    compiled = steps_lib.make_train_step(model, optimizer, dropout=False).lower(state, batch).compile()
+    holder = {"state": state}
+
+    def step():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready(metrics)
+
+    return timed_steps(step, steps)
 
 
 def worker(args) -> None:
@@ -232,7 +275,7 @@ def main() -> None:
     print(f"cores: {os.cpu_count()}, batch {BATCH} x seq {SEQ} (enc-dec targets {DEC_SEQ}), d_model {D_MODEL}, "
           f"{HEADS} heads, {LAYERS} layers, MLP {MLP}, vocab {VOCAB}; MoE {EXPERTS} experts top-{TOP_K}")
     header = (f"{'family':16} {'dtype':9} {'framework':13} {'step s':>7} {'tok/s':>8} {'TFLOP/s':>8} "
-              f"{'peak TF/s':>9} {'MFU':>6} {'RSS GiB':>8} {'loss':>7}")
+              f"{'peak TF/s':>9} {'MFU':>6} {'RSS GiB':>8} {'loss@0':>7}")
     print(header)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
