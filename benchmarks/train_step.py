@@ -32,7 +32,10 @@ import sys
 import tempfile
 import time
 
-from t5x_like import host_runtime
+try:
+    from t5x_like import host_runtime
+except ImportError:  # an older checkout being measured for a before/after comparison
+    host_runtime = None
 
 FAMILIES = ("decoder_only", "encoder_decoder", "encoder_only", "moe")
 D_MODEL, HEADS, LAYERS, MLP, VOCAB, BATCH, SEQ, DEC_SEQ = 512, 8, 6, 2048, 32768, 8, 512, 128
@@ -245,7 +248,8 @@ def spawn(framework: str, family: str, dtype: str, checkpoint: str, steps: int) 
     cmd = [sys.executable, __file__, "--worker", "--framework", framework, "--family", family, "--dtype", dtype,
            "--checkpoint", checkpoint, "--steps", str(steps)]
     # Both frameworks get the allocator settings `python -m t5x_like.main` runs with (host_runtime.py).
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=host_runtime.tuned_env())
+    env = host_runtime.tuned_env() if host_runtime else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]

@@ -148,7 +148,7 @@ class MultiHeadAttention(nn.Module):
         weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         if self.dropout_rate > 0.0 and not self.deterministic:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-        out = jnp.einsum("bkgls,bksd->bkgld", weights, v)
+        out = jnp.einsum("bkgls,bksd->bkgld", weights, v, preferred_element_type=jnp.float32).astype(self.dtype)
         out = rearrange(out, "b k g l d -> b l (k g) d")
         out = DenseGeneral(inputs_q.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1),
                            use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -30,8 +30,8 @@ class Embed(nn.Module):
 
     def attend(self, x):
         """Logits: x . E^T over the embedding axis."""
-        return jnp.einsum("...d,vd->...v", jnp.asarray(x, self.dtype),
-                          jnp.asarray(self.embedding, self.dtype))
+        return jnp.einsum("...d,vd->...v", jnp.asarray(x, self.dtype), jnp.asarray(self.embedding, self.dtype),
+                          preferred_element_type=jnp.float32)
 
 
 def sinusoidal_positions(positions, features: int, max_timescale: float = 10_000.0):

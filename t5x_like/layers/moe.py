@@ -115,7 +115,8 @@ class MoeMlp(nn.Module):
         # One batched matmul per expert over all its slots ([E, G*C, D] x [E, D, F]): the 4-D einsum
         # made XLA:CPU transpose-copy activations in the backward pass (3x slower MoE steps).
         e, g, c, d = x.shape
-        y = jnp.matmul(x.reshape(e, g * c, d), jnp.asarray(kernel, self.dtype)).reshape(e, g, c, features)
+        y = jnp.matmul(x.reshape(e, g * c, d), jnp.asarray(kernel, self.dtype), preferred_element_type=jnp.float32)
+        y = y.reshape(e, g, c, features).astype(self.dtype)
         if self.use_bias:
             bias = self.param(f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("expert", out_axis)),
                               (self.num_experts, features), self.param_dtype)
@@ -145,7 +146,8 @@ class MoeMlp(nn.Module):
 
         expert_spec = ("expert", "expert_group", None, "embed")
         hidden_spec = ("expert", "expert_group", None, "mlp")
-        inputs = jnp.einsum("gsec,gsd->egcd", r["dispatch"].astype(self.dtype), xg)
+        inputs = jnp.einsum("gsec,gsd->egcd", r["dispatch"].astype(self.dtype), xg,
+                            preferred_element_type=jnp.float32).astype(self.dtype)
         inputs = nn.with_logical_constraint(inputs, expert_spec)
         hidden = None
         for i, act in enumerate(self.activations):
@@ -154,7 +156,8 @@ class MoeMlp(nn.Module):
             hidden = h if hidden is None else hidden * h
         hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=self.deterministic)
         out = self._expert_dense("wo", hidden, "mlp", "embed", d, expert_spec)
-        y = jnp.einsum("egcd,gsec->gsd", out, r["combine"].astype(self.dtype))
+        y = jnp.einsum("egcd,gsec->gsd", out, r["combine"].astype(self.dtype),
+                       preferred_element_type=jnp.float32).astype(self.dtype)
         y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
         return y.reshape(batch, length, d)
 

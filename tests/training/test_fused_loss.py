@@ -81,6 +81,6 @@ def test_first_argmax_matches_argmax_on_ties():
 
 
 def test_chunk_length_divides_and_fits():
-    assert fused_loss.chunk_length(512, 8, 32768) == 32
+    assert fused_loss.chunk_length(512, 8, 32768) == 64
     assert fused_loss.chunk_length(7, 1, 10) == 7
     assert fused_loss.chunk_length(12, 64, 2 ** 20) == 1
