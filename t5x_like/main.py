@@ -13,6 +13,9 @@ Modes:
              or input<TAB>target lines) under a checkpoint (gin/runs/score.gin); JSONL out
   precompile ahead-of-time compile the train step for a model on a mesh of NUM_FAKE_DEVICES fake CPU
              devices with abstract arrays (gin/runs/precompile.gin); print per-device memory and FLOPs
+  sweep      --spec=configs/NAME.yaml [--storage=URL] [--sweep_dir=DIR] [--report_only]: run one worker of
+             an Optuna hyperparameter sweep (every trial a training run), then write results.csv/.md and
+             plots into the sweep directory; start the same command on more hosts to share the study
 
 Multi-host: run one program per host with --coordinator_address=HOST:PORT --num_processes=N
 --process_id=I (or T5X_LIKE_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID); see distributed.py.
@@ -26,7 +29,7 @@ import argparse
 import os
 import sys
 
-MODES = ("train", "eval", "plot", "demo", "import_hf", "precompile", "infer", "score")
+MODES = ("train", "eval", "plot", "demo", "import_hf", "precompile", "infer", "score", "sweep")
 
 
 class UsageError(ValueError):
@@ -43,6 +46,10 @@ def parse_args(argv):
     parser.add_argument("--run_dir", action="append", default=[], help="plot: a run's MODEL_DIR (repeatable)")
     parser.add_argument("--output", help="plot: the PNG to write; infer/score: the JSONL to write (default stdout)")
     parser.add_argument("--input", help="infer/score: prompts or pairs, text or JSONL ('-' = stdin)")
+    parser.add_argument("--spec", help="sweep: the YAML sweep specification (configs/README.md)")
+    parser.add_argument("--storage", help="sweep: Optuna storage URL (default: SQLite in the sweep directory)")
+    parser.add_argument("--sweep_dir", help="sweep: where trials and results go (default from the spec)")
+    parser.add_argument("--report_only", action="store_true", help="sweep: only rewrite the results and plots")
     parser.add_argument("--coordinator_address", help="multi-host: process 0's HOST:PORT")
     parser.add_argument("--num_processes", type=int, help="multi-host: number of processes (hosts)")
     parser.add_argument("--process_id", type=int, help="multi-host: this process' index, 0..N-1")
@@ -123,6 +130,7 @@ def main(argv=None) -> int:
     from t5x_like.interop.hf import HFInteropError
     from t5x_like.models.config import ConfigError
     from t5x_like.partitioning import MeshError
+    from t5x_like.sweep import SweepSpecError
     from t5x_like.training.checkpointing import CheckpointError
     from t5x_like.training.trainer import TrainingDivergedError, TrainingInterrupted
 
@@ -147,12 +155,17 @@ def main(argv=None) -> int:
         elif args.mode == "precompile":
             from t5x_like.training import precompile
             precompile.run(args.gin_file, bindings)
+        elif args.mode == "sweep":
+            from t5x_like import sweep
+            if not args.spec:
+                raise UsageError("sweep needs --spec=FILE.yaml, e.g. --spec=configs/tiny_sweep.yaml")
+            print(sweep.run(args.spec, args.storage, args.sweep_dir, bindings, report_only=args.report_only))
     except TrainingInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 0
     except (UsageError, GinConfigError, HFInteropError, ConfigError, CheckpointError, MeshError,
             TrainingDivergedError, FileNotFoundError, DistributedError,
-            DecodingError, InferenceError) as e:
+            DecodingError, InferenceError, SweepSpecError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
@@ -165,4 +178,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from t5x_like.host_runtime import reexec_with_tuned_allocator
+    reexec_with_tuned_allocator()  # before JAX starts: see host_runtime.py
     sys.exit(main())

@@ -91,7 +91,7 @@ def _step_scalars(window: list[dict], seconds: float, flops_per_step: float, pea
     return out
 
 
-@gin.configurable(denylist=["gin_config_text"])
+@gin.configurable(denylist=["gin_config_text", "on_eval"])
 def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
           task_feature_lengths: Mapping[str, int] = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           batch_size: int = gin.REQUIRED, optimizer=gin.REQUIRED, seed: int = 0,
@@ -100,7 +100,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
           eval_every: int = 100, eval_batches: Optional[int] = 20, checkpoint_every: int = 100,
           keep_last: int = 3, keep_best: int = 1, async_checkpoints: bool = True,
           init_checkpoint: Optional[str] = None, measure_peak: bool = True, progress: bool = True,
-          unigram_baseline_batches: int = 0, host_data: str = "shard", gin_config_text: str = "") -> dict:
+          unigram_baseline_batches: int = 0, host_data: str = "shard", gin_config_text: str = "",
+          on_eval: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Train until `train_steps` (resuming from MODEL_DIR); returns the last eval results.
 
     batch_size is global (all hosts); each host feeds batch_size / process_count rows of its own
@@ -109,7 +110,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
     perplexity of token frequencies counted on that many train batches, on the same eval batches.
     `host_data`: "shard" (each host reads its own shard of the data) or "slice" (each host reads
     the whole stream and keeps the rows its devices hold: the same batches, hence the same run,
-    for any number of hosts).
+    for any number of hosts). `on_eval(step, results)` is called after each evaluation with the
+    {task: {metric: value}} results (sweeps report them to Optuna's pruner; it may raise to stop).
     """
     model_dir = os.path.abspath(os.fspath(model_dir))
     os.makedirs(model_dir, exist_ok=True)
@@ -219,6 +221,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
                         writer.write_scalars(step_no, values, split)
                     eval_metrics = {"perplexity": next(iter(last_eval.values()))["perplexity"]
                                     if "all" not in last_eval else last_eval["all"]["perplexity"]}
+                    if on_eval is not None:
+                        on_eval(step_no, last_eval)
                     window_start = time.perf_counter()
                 save(step_no, force=step_no == train_steps, metrics=eval_metrics)
                 if sigterm.raised:
