@@ -146,8 +146,9 @@ class MoeMlp(nn.Module):
 
         expert_spec = ("expert", "expert_group", None, "embed")
         hidden_spec = ("expert", "expert_group", None, "mlp")
-        inputs = jnp.einsum("gsec,gsd->egcd", r["dispatch"].astype(self.dtype), xg,
-                            preferred_element_type=jnp.float32).astype(self.dtype)
+        # A one-hot dispatch sums one token per slot, exact in any dtype: no float32 accumulation
+        # (XLA:CPU runs this dot outside its fast kernels, where bf16 x bf16 -> f32 is unsupported).
+        inputs = jnp.einsum("gsec,gsd->egcd", r["dispatch"].astype(self.dtype), xg)
         inputs = nn.with_logical_constraint(inputs, expert_spec)
         hidden = None
         for i, act in enumerate(self.activations):
