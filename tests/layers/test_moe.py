@@ -123,3 +123,19 @@ def test_gradients_reach_router_and_experts():
     grads = jax.jit(jax.grad(loss))(variables["params"])
     for name in ("router", "wi_0", "wi_1", "wo"):
         assert float(sum(np.abs(np.asarray(g)).sum() for g in jax.tree_util.tree_leaves(grads[name]))) > 0, name
+
+
+def test_bfloat16_matches_float32_with_several_groups():
+    """bf16 activations over several routing groups train (every dot has a CPU kernel for its
+    dtypes) and stay within bf16 rounding of the float32 layer."""
+    x = np.random.default_rng(0).standard_normal((2, 64, 32)).astype(np.float32)   # 2 groups of 64
+    f32, bf16 = _module(top_k=2), _module(top_k=2, dtype=jax.numpy.bfloat16)
+    params = nn.unbox(f32.init(jax.random.key(0), x))["params"]
+
+    def loss(module, p, inputs):   # inputs as an argument: a constant would fold the dispatch away
+        return (module.apply({"params": p}, inputs.astype(module.dtype)).astype(np.float32) ** 2).sum()
+
+    (l32, g32), (l16, g16) = (jax.jit(jax.value_and_grad(lambda p, i, m=m: loss(m, p, i)))(params, x)
+                              for m in (f32, bf16))
+    np.testing.assert_allclose(float(l16), float(l32), rtol=3e-2)
+    np.testing.assert_allclose(np.asarray(g16["wo"]), np.asarray(g32["wo"]), rtol=0.1, atol=0.1 * np.abs(g32["wo"]).max())
