@@ -164,7 +164,8 @@ def run_t5x_like(family: str, dtype: str, checkpoint: str, steps: int) -> dict:
     seconds = timed_steps(step, steps)
     lengths = {k: v.shape[1] for k, v in batch.items()}
     flops = flops_lib.train_flops_per_example(model, variables["params"], lengths) * BATCH
-    peak = flops_lib.measure_matmul_peak(jax.numpy.bfloat16 if dtype == "bfloat16" else jax.numpy.float32)
+    peak = flops_lib.measure_matmul_peak(jax.numpy.bfloat16 if dtype == "bfloat16" else jax.numpy.float32,
+                                         min_seconds=3.0)
     memory = compiled.memory_analysis()
     temp = getattr(memory, "temp_size_in_bytes", 0) / 2 ** 30 if memory is not None else float("nan")
     return {"seconds": seconds, "flops": flops, "peak": peak, "rss_gib": peak_rss_gib(), "temp_gib": temp,

@@ -79,6 +79,9 @@ class MultiHeadAttention(nn.Module):
     # Autoregressive decoding with a KV cache (self-attention only): see `_use_cache`.
     decode: bool = False
     sliding_window: Optional[int] = None  # used by the cache mask only; full-sequence masks carry it
+    # The caller's mask hides every key after its query: attend in query blocks of this size, each
+    # to the keys up to its last query (0: off). Skipped blocks are all masked, so results match.
+    causal_query_block: int = 0
 
     def _use_cache(self, k, v, mask):
         """Write this step's keys/values into the 'cache' collection and attend over all of it.
@@ -139,18 +142,38 @@ class MultiHeadAttention(nn.Module):
         q = rearrange(q, "b l (k g) d -> b k g l d", g=groups)
         k = rearrange(k, "b s k d -> b k s d")
         v = rearrange(v, "b s k d -> b k s d")
-        scores = jnp.einsum("bkgld,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
         if bias is not None:
-            scores = scores + rearrange(jnp.asarray(bias, jnp.float32), "b (k g) l s -> b k g l s", g=groups)
+            bias = rearrange(jnp.asarray(bias, jnp.float32), "b (k g) l s -> b k g l s", g=groups)
         if mask is not None:  # an additive -inf-like bias: one add instead of a select per score
-            big_neg = jnp.finfo(jnp.float32).min
-            scores = scores + jnp.where(mask > 0, 0.0, big_neg)[:, :, None]
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        if self.dropout_rate > 0.0 and not self.deterministic:
-            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-        out = jnp.einsum("bkgls,bksd->bkgld", weights, v, preferred_element_type=jnp.float32).astype(self.dtype)
+            mask = jnp.where(mask > 0, 0.0, jnp.finfo(jnp.float32).min)[:, :, None]
+        dropout = (nn.Dropout(self.dropout_rate, deterministic=False)
+                   if self.dropout_rate > 0.0 and not self.deterministic else None)
+        q_len, block = q.shape[3], self.causal_query_block
+        if block and q_len == k.shape[2] and q_len > block and q_len % block == 0:
+            out = jnp.concatenate([_attend(q[:, :, :, i:i + block], k[:, :, :i + block], v[:, :, :i + block],
+                                           _rows_cols(bias, i, block), _rows_cols(mask, i, block), dropout, self.dtype)
+                                   for i in range(0, q_len, block)], axis=3)
+        else:
+            out = _attend(q, k, v, bias, mask, dropout, self.dtype)
         out = rearrange(out, "b k g l d -> b l (k g) d")
         out = DenseGeneral(inputs_q.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1),
                            use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="out")(out)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+
+def _attend(q, k, v, bias, mask_bias, dropout, dtype):
+    """softmax(q k^T + bias + mask) v over [b, kv_heads, group, length, head_dim] blocks."""
+    scores = jnp.einsum("bkgld,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
+    for additive in (bias, mask_bias):
+        if additive is not None:
+            scores = scores + additive
+    weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    if dropout is not None:
+        weights = dropout(weights)
+    return jnp.einsum("bkgls,bksd->bkgld", weights, v, preferred_element_type=jnp.float32).astype(dtype)
+
+
+def _rows_cols(x, start: int, block: int):
+    """Query rows [start, start + block) and key columns [0, start + block) of a [..., q, k] array."""
+    return None if x is None else x[..., start:start + block, :start + block]

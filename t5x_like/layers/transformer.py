@@ -38,6 +38,7 @@ class TransformerLayer(nn.Module):
     deterministic: bool = True
     decode: bool = False  # self-attention reads/writes the KV cache (one token per call)
     use_moe: bool = False  # feed-forward block is a mixture of experts (layers/moe.py)
+    causal_mask: bool = False  # the self-attention mask hides later keys (blocked attention may skip them)
 
     @nn.compact
     def __call__(self, x, mask, bias=None, positions=None, encoded=None, cross_mask=None):
@@ -48,13 +49,14 @@ class TransformerLayer(nn.Module):
         def norm(name):
             return Norm(cfg.norm_type, cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
 
-        def attention(name, rotary, decode=False):
+        def attention(name, rotary, decode=False, causal=False):
             return MultiHeadAttention(
                 num_heads=cfg.num_heads, num_kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
                 use_bias=cfg.use_bias, scale_scores=cfg.scale_attention_scores,
                 rotary_theta=cfg.rotary_theta if rotary else None, dropout_rate=cfg.dropout_rate,
                 deterministic=self.deterministic, dtype=dtype, param_dtype=param_dtype, decode=decode,
-                sliding_window=cfg.sliding_window if decode else None, name=name)
+                sliding_window=cfg.sliding_window if decode else None,
+                causal_query_block=cfg.causal_query_block if causal else 0, name=name)
 
         def residual(x, sublayer, norm_name):
             h = sublayer(norm(norm_name)(x) if pre else x)
@@ -63,7 +65,7 @@ class TransformerLayer(nn.Module):
             return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
         rotary = cfg.position_embedding == "rotary"
-        x = residual(x, lambda h: attention("self_attention", rotary, self.decode)(
+        x = residual(x, lambda h: attention("self_attention", rotary, self.decode, self.causal_mask)(
             h, h, mask, bias, positions, positions), "self_attention_norm")
         if self.has_cross_attention:
             x = residual(x, lambda h: attention("cross_attention", False)(
@@ -87,9 +89,11 @@ class TransformerStack(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, positions=None, encoded=None, cross_mask=None, deterministic=True,
-                 decode: bool = False, decode_length: Optional[int] = None):
+                 decode: bool = False, decode_length: Optional[int] = None, causal_mask: bool = False):
         """decode: x holds one token per row at `positions` [batch, 1]; attention uses the KV cache of
-        `decode_length` positions (the relative bias is taken from that full table, row `positions`)."""
+        `decode_length` positions (the relative bias is taken from that full table, row `positions`).
+        causal_mask: `mask` hides every key after its query (not prefix-LM), so self-attention
+        computes only the blocks on and below the diagonal (config.causal_query_block)."""
         cfg = self.config
         dtype, param_dtype = dtypes(cfg)
         bias = None
@@ -107,7 +111,7 @@ class TransformerStack(nn.Module):
                                  prevent_cse=not cfg.scan_layers)
         args = (mask, bias, positions, encoded, cross_mask)
         make = lambda cls, name, moe=False: cls(cfg, self.has_cross_attention, deterministic,  # noqa: E731
-                                                decode=decode, use_moe=moe, name=name)
+                                                decode=decode, use_moe=moe, causal_mask=causal_mask, name=name)
         if cfg.scan_layers:
             scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast,) * len(args), length=self.num_layers,

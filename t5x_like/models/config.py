@@ -50,6 +50,10 @@ class TransformerConfig:
     # T5 folds 1/sqrt(head_dim) into the query initialisation instead of scaling scores.
     scale_attention_scores: bool = True
     sliding_window: Optional[int] = None
+    # Causal self-attention computes scores in query blocks of this many positions, each against
+    # the keys up to its last query only: about half the score FLOPs and memory at long lengths
+    # (0 or a length it does not divide: one full block).
+    causal_query_block: int = 64
     tie_embeddings: bool = True
     # T5 v1.0 multiplies decoder outputs by d_model**-0.5 before the tied projection.
     scale_tied_logits: bool = False
@@ -101,6 +105,7 @@ class TransformerConfig:
         check(self.position_embedding != "rotary" or self.head_dim % 2 == 0,
               f"rotary positions need an even head_dim, got {self.head_dim}")
         check(0.0 <= self.dropout_rate < 1.0, f"dropout_rate={self.dropout_rate} must be in [0, 1)")
+        check(self.causal_query_block >= 0, f"causal_query_block={self.causal_query_block} must be >= 0 (0: off)")
         check(self.sliding_window is None or self.sliding_window > 0,
               f"sliding_window={self.sliding_window} must be positive or None")
         if self.position_embedding == "relative":

@@ -25,7 +25,8 @@ class DecoderOnly(NetworkBase):
         x = self.dropout(self.embed(decoder_input_tokens, positions, deterministic), deterministic)
         mask = make_decoder_mask(length, batch, decoder_target_tokens, decoder_segment_ids,
                                  decoder_causal_attention, positions, self.config.sliding_window)
-        x = self.decoder(x, mask, positions, deterministic=deterministic)
+        x = self.decoder(x, mask, positions, deterministic=deterministic,
+                         causal_mask=decoder_causal_attention is None)
         return x if return_hidden else self.logits(x)
 
     def decode_step(self, tokens, positions, decode_length: int):

@@ -37,7 +37,8 @@ class EncoderDecoder(NetworkBase):
         query_tokens = (decoder_target_tokens if decoder_target_tokens is not None
                         else jnp.ones_like(decoder_input_tokens))
         cross_mask = make_cross_mask(query_tokens, encoder_input_tokens, decoder_segment_ids, encoder_segment_ids)
-        x = self.decoder(x, mask, positions, encoded=encoded, cross_mask=cross_mask, deterministic=deterministic)
+        x = self.decoder(x, mask, positions, encoded=encoded, cross_mask=cross_mask, deterministic=deterministic,
+                         causal_mask=True)
         return x if return_hidden else self.logits(x)
 
     def decode_step(self, encoded, encoder_input_tokens, tokens, positions, decode_length: int):
