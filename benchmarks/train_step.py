@@ -164,8 +164,11 @@ def run_t5x_like(family: str, dtype: str, checkpoint: str, steps: int) -> dict:
     seconds = timed_steps(step, steps)
     lengths = {k: v.shape[1] for k, v in batch.items()}
     flops = flops_lib.train_flops_per_example(model, variables["params"], lengths) * BATCH
-    peak = flops_lib.measure_matmul_peak(jax.numpy.bfloat16 if dtype == "bfloat16" else jax.numpy.float32,
-                                         min_seconds=3.0)
+    peak_dtype = jax.numpy.bfloat16 if dtype == "bfloat16" else jax.numpy.float32
+    try:
+        peak = flops_lib.measure_matmul_peak(peak_dtype, min_seconds=3.0)
+    except TypeError:  # a checkout from before min_seconds (for "before" runs)
+        peak = flops_lib.measure_matmul_peak(peak_dtype, repeats=30)
     memory = compiled.memory_analysis()
     temp = getattr(memory, "temp_size_in_bytes", 0) / 2 ** 30 if memory is not None else float("nan")
     return {"seconds": seconds, "flops": flops, "peak": peak, "rss_gib": peak_rss_gib(), "temp_gib": temp,
