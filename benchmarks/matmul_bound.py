@@ -4,7 +4,8 @@
 
 Times, one at a time and in isolation, every matmul a training step of train_step.py's medium
 model runs (forward, input gradient and weight gradient of each projection; the attention score
-and value products with their gradients; the vocabulary projection in the fused loss's chunks),
+and value products with their gradients, per causal query block; the vocabulary projection in
+the fused loss's chunks),
 with the dimension numbers the step uses, and adds them up per step. The sum is a lower bound on
 the step time; model FLOPs over it, against the square-matmul peak measured in the same process,
 is an upper bound on MFU that no change outside the matmul library can beat.
