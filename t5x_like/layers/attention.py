@@ -63,6 +63,9 @@ def make_decoder_mask(length: int, batch: int, decoder_target_tokens=None, segme
     return nn.combine_masks(*masks)
 
 
+MAX_QUERY_BLOCKS = 8
+
+
 class MultiHeadAttention(nn.Module):
     """Attention with num_kv_heads <= num_heads key/value heads (GQA; 1 = multi-query)."""
 
@@ -148,7 +151,9 @@ class MultiHeadAttention(nn.Module):
             mask = jnp.where(mask > 0, 0.0, jnp.finfo(jnp.float32).min)[:, :, None]
         dropout = (nn.Dropout(self.dropout_rate, deterministic=False)
                    if self.dropout_rate > 0.0 and not self.deterministic else None)
-        q_len, block = q.shape[3], self.causal_query_block
+        # At most MAX_QUERY_BLOCKS blocks: long sequences get larger blocks, not more small kernels.
+        q_len = q.shape[3]
+        block = max(self.causal_query_block, q_len // MAX_QUERY_BLOCKS) if self.causal_query_block else 0
         if block and q_len == k.shape[2] and q_len > block and q_len % block == 0:
             out = jnp.concatenate([_attend(q[:, :, :, i:i + block], k[:, :, :i + block], v[:, :, :i + block],
                                            _rows_cols(bias, i, block), _rows_cols(mask, i, block), dropout, self.dtype)

@@ -52,7 +52,7 @@ class TransformerConfig:
     sliding_window: Optional[int] = None
     # Causal self-attention computes scores in query blocks of this many positions, each against
     # the keys up to its last query only: about half the score FLOPs and memory at long lengths
-    # (0 or a length it does not divide: one full block).
+    # (0 or a length it does not divide: one full block; at most 8 blocks, larger ones for long lengths).
     causal_query_block: int = 64
     tie_embeddings: bool = True
     # T5 v1.0 multiplies decoder outputs by d_model**-0.5 before the tied projection.

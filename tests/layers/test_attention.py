@@ -206,11 +206,11 @@ def test_attention_dropout_is_active_only_when_not_deterministic(random_params):
     assert not np.allclose(np.asarray(a), np.asarray(ref), atol=1e-3)
 
 
-@pytest.mark.parametrize("num_kv_heads, block", [(4, 4), (2, 8), (1, 3)])
+@pytest.mark.parametrize("num_kv_heads, block", [(4, 4), (2, 8), (1, 3), (2, 1)])
 def test_causal_query_blocks_match_numpy_reference(num_kv_heads, block, random_params):
     """Blocked causal attention (query block i against keys up to its last query) equals full
     attention on every query that sees a key, with packing, padding and a relative bias; a length
-    the block does not divide falls back to one block."""
+    the block does not divide falls back to one block; block 1 becomes 16 // 8 = 2 (the block cap)."""
     rng = np.random.default_rng(block)
     batch, length, embed, heads, head_dim = 2, 16, 16, 4, 8
     x = rng.normal(size=(batch, length, embed)).astype(np.float32)
