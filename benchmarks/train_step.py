@@ -19,6 +19,9 @@ tokens/s ratio against the 1.5x target.
 Same configuration, two caveats: t5x_like's MoE trains with expert capacity factor 1.25 (tokens past
 capacity are dropped, as in Switch/GShard training) where transformers' Mixtral never drops; and
 bfloat16 means bfloat16 activations with float32 params in both (torch.autocast on the PyTorch side).
+The FLOP count includes the vocabulary projection at every position, as transformers computes it;
+t5x_like's fused loss projects only the weighted ones (the encoder-only MLM batch weights 15%), so
+its encoder-only TFLOP/s and MFU count work it skipped and can pass the matmul peak.
 """
 
 from __future__ import annotations

@@ -8,6 +8,12 @@ kept); each chunk's logits live only inside one `lax.scan` iteration, and since 
 its gradients with respect to the hidden states, the projection and its bias are computed right
 there, scaled by the incoming cotangent in the backward pass. No logits are recomputed.
 
+Positions with zero weight need no logits. When every row's weighted positions fit a fraction of
+the length (masked-LM's 15%, prefix-LM's targets), they are gathered into that many positions first,
+so the projection, softmax and both gradient products run on those alone; `lax.switch` picks the
+smallest capacity that holds every row at run time, and the full length otherwise, so the result
+never depends on the choice. Original BERT trained the same way (`max_predictions_per_seq`).
+
 Only the returned `loss` sum is differentiable; `nll_sum`, `z_loss`, `tokens` and `correct` are
 statistics (gradient-stopped). The result equals `losses.cross_entropy_sums` on the full logits.
 """
@@ -24,6 +30,10 @@ import numpy as np
 from t5x_like.models.base import OutputHead
 
 
+# Masked-LM rows carry about 15% weighted positions, prefix-LM and padded rows about half.
+COMPACT_FRACTIONS = (0.25, 0.5)
+
+
 def chunk_length(length: int, batch: int, vocab: int, max_bytes: int = 64 * 2 ** 20) -> int:
     """The largest divisor of `length` whose float32 chunk logits [batch, chunk, vocab] fit `max_bytes`
     (at least 1). 64 MiB: on CPU, 32 MiB chunks made the projection's matmuls too thin (8% slower
@@ -33,6 +43,22 @@ def chunk_length(length: int, batch: int, vocab: int, max_bytes: int = 64 * 2 **
         if length % c == 0 and batch * c * vocab * 4 <= max_bytes:
             best = c
     return best
+
+
+def compact_capacities(length: int, fractions) -> tuple[int, ...]:
+    """Row capacities, ascending and below `length`, for the compact paths: ceil(fraction x length),
+    rounded up to a multiple of 8 past 8 so the chunk matmuls stay wide."""
+    caps = set()
+    for f in fractions:
+        c = int(np.ceil(f * length))
+        caps.add(-(-c // 8) * 8 if c > 8 else c)
+    return tuple(sorted(c for c in caps if 0 < c < length))
+
+
+def compact_branch(weights, capacities) -> jax.Array:
+    """Index of the smallest capacity holding every row's nonzero weights (len(capacities): none)."""
+    most = jnp.max(jnp.sum(weights != 0, axis=-1))
+    return sum((most > c).astype(jnp.int32) for c in capacities) + jnp.int32(0)
 
 
 def _first_argmax(logits, row_max):
@@ -103,17 +129,36 @@ def _scan_chunks(x, weight, bias, targets, weights, static, chunk):
     return sums, dx, dw, db
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _fused(x, weight, bias, targets, weights, static, chunk):
-    return _fused_fwd(x, weight, bias, targets, weights, static, chunk)[0]
+def _compact_scan(x, weight, bias, targets, weights, static, capacity):
+    """_scan_chunks over each row's first `capacity` nonzero-weight positions (the caller checked that
+    they hold all of them); dx is scattered back, zero elsewhere."""
+    b, _, d = x.shape
+    vocab = weight.shape[0 if static[0] else 1]
+    order = jnp.argsort((weights == 0).astype(jnp.int32), axis=-1, stable=True)[:, :capacity]
+    take = lambda a: jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
+    sums, dx_c, dw, db = _scan_chunks(take(x), weight, bias, take(targets), take(weights), static,
+                                      chunk_length(capacity, b, vocab))
+    dx = jnp.zeros_like(x).at[jnp.arange(b)[:, None], order].set(dx_c, unique_indices=True)
+    return sums, dx, dw, db
 
 
-def _fused_fwd(x, weight, bias, targets, weights, static, chunk):
-    sums, dx, dw, db = _scan_chunks(x, weight, bias, targets, weights, static, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _fused(x, weight, bias, targets, weights, static, chunk, capacities):
+    return _fused_fwd(x, weight, bias, targets, weights, static, chunk, capacities)[0]
+
+
+def _fused_fwd(x, weight, bias, targets, weights, static, chunk, capacities):
+    args = (x, weight, bias, targets, weights, static)
+    full = lambda: _scan_chunks(*args, chunk)  # noqa: E731
+    if capacities:
+        branches = [functools.partial(_compact_scan, *args, c) for c in capacities] + [full]
+        sums, dx, dw, db = jax.lax.switch(compact_branch(weights, capacities), branches)
+    else:
+        sums, dx, dw, db = full()
     return sums, (dx, dw.astype(weight.dtype), None if db is None else db.astype(bias.dtype))
 
 
-def _fused_bwd(static, chunk, residuals, cotangent):
+def _fused_bwd(static, chunk, capacities, residuals, cotangent):
     g = cotangent["loss"]  # the statistics are gradient-stopped by the caller
     scaled = lambda a: None if a is None else g.astype(a.dtype) * a  # noqa: E731
     return tuple(scaled(a) for a in residuals) + (None, None)
@@ -123,11 +168,13 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def fused_cross_entropy_sums(hidden, head: OutputHead, targets, weights, *, z_loss: float = 0.0,
-                             label_smoothing: float = 0.0, chunk: Optional[int] = None) -> dict:
+                             label_smoothing: float = 0.0, chunk: Optional[int] = None,
+                             compact_fractions: tuple[float, ...] = COMPACT_FRACTIONS) -> dict:
     """`losses.cross_entropy_sums(project(hidden), ...)` without materialising the logits.
 
     hidden [batch, length, embed] (the network's output before the projection); `chunk` positions
-    per scan step (default: `chunk_length`, a divisor of length).
+    per scan step on the full path (default: `chunk_length`, a divisor of length);
+    `compact_fractions` the row capacities tried first, as fractions of length (() for none).
     """
     b, length, _ = hidden.shape
     vocab = head.weight.shape[0 if head.vocab_major else 1]
@@ -136,5 +183,5 @@ def fused_cross_entropy_sums(hidden, head: OutputHead, targets, weights, *, z_lo
         raise ValueError(f"loss chunk {chunk} does not divide the sequence length {length}; pick a divisor")
     static = (bool(head.vocab_major), head.scale, float(z_loss), float(label_smoothing))
     sums = _fused(hidden, head.weight, head.bias, jnp.asarray(targets, jnp.int32),
-                  jnp.asarray(weights, jnp.float32), static, chunk)
+                  jnp.asarray(weights, jnp.float32), static, chunk, compact_capacities(length, compact_fractions))
     return {k: v if k == "loss" else jax.lax.stop_gradient(v) for k, v in sums.items()}

@@ -84,3 +84,50 @@ def test_chunk_length_divides_and_fits():
     assert fused_loss.chunk_length(512, 8, 32768) == 64
     assert fused_loss.chunk_length(7, 1, 10) == 7
     assert fused_loss.chunk_length(12, 64, 2 ** 20) == 1
+
+
+def test_compact_capacities_round_to_wide_chunks():
+    assert fused_loss.compact_capacities(512, (0.25, 0.5)) == (128, 256)
+    assert fused_loss.compact_capacities(40, (0.25, 0.5)) == (16, 24)
+    assert fused_loss.compact_capacities(8, (0.25, 0.5)) == (2, 4)
+    assert fused_loss.compact_capacities(8, (1.0, 0.0)) == ()
+
+
+def _weights_with_row_counts(counts, length, rng):
+    weights = np.zeros((len(counts), length), np.float32)
+    for row, n in enumerate(counts):
+        weights[row, rng.choice(length, n, replace=False)] = rng.uniform(0.5, 2.0, n)
+    return weights
+
+
+@pytest.mark.parametrize("counts,branch", [((5, 16, 0), 0), ((17, 3, 24), 1), ((2, 25, 9), 2), ((40, 40, 40), 2)])
+def test_compact_paths_equal_the_full_length(counts, branch):
+    """Rows whose weighted positions fit a capacity take the gathered path: same sums and gradients."""
+    rng = np.random.default_rng(len(counts) + branch)
+    length, vocab = 40, 53
+    hidden = jnp.asarray(rng.standard_normal((3, length, 16)), jnp.float32)
+    weight = jnp.asarray(rng.standard_normal((16, vocab)) * 0.3, jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(vocab), jnp.float32)
+    targets = rng.integers(0, vocab, (3, length))
+    weights = _weights_with_row_counts(counts, length, rng)
+    caps = fused_loss.compact_capacities(length, fused_loss.COMPACT_FRACTIONS)
+    assert caps == (16, 24) and int(fused_loss.compact_branch(weights, caps)) == branch
+
+    def plain(h, w, b):
+        sums = losses.cross_entropy_sums(jnp.einsum("bld,dv->blv", h, w) + b, targets, weights,
+                                         z_loss=1e-3, label_smoothing=0.1)
+        return sums["loss"], sums
+
+    def fused(h, w, b, fractions):
+        sums = fused_loss.fused_cross_entropy_sums(h, base.OutputHead(w, b), targets, weights, z_loss=1e-3,
+                                                   label_smoothing=0.1, compact_fractions=fractions)
+        return sums["loss"], sums
+
+    grad = lambda f: jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))(hidden, weight, bias)  # noqa: E731
+    expected_grads, expected = grad(plain)
+    for fractions in (fused_loss.COMPACT_FRACTIONS, ()):
+        grads, got = grad(functools.partial(fused, fractions=fractions))
+        for key in losses.SUM_KEYS:
+            np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-5, err_msg=key)
+        for name, g, e in zip(("hidden", "weight", "bias"), grads, expected_grads):
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5, err_msg=f"{name} {fractions}")
