@@ -132,8 +132,7 @@ def _scan_chunks(x, weight, bias, targets, weights, static, chunk):
 def _compact_scan(x, weight, bias, targets, weights, static, capacity):
     """_scan_chunks over each row's first `capacity` nonzero-weight positions (the caller checked that
     they hold all of them); dx is scattered back, zero elsewhere."""
-    b, _, d = x.shape
-    vocab = weight.shape[0 if static[0] else 1]
+    b, vocab = x.shape[0], weight.shape[0 if static[0] else 1]
     order = jnp.argsort((weights == 0).astype(jnp.int32), axis=-1, stable=True)[:, :capacity]
     take = lambda a: jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
     sums, dx_c, dw, db = _scan_chunks(take(x), weight, bias, take(targets), take(weights), static,
