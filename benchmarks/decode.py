@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import transformers
 
-from t5x_like import decoding
+from t5x_like.inference import decoding
 from t5x_like.interop import hf
 
 

@@ -55,7 +55,7 @@ def step_dots(family: str):
     block = bench.medium_model(family, "float32").config.causal_query_block
     per_layer = [(4, dense_dots(tokens, d, d)), (2, dense_dots(tokens, d, mlp)), (1, dense_dots(tokens, mlp, d)),
                  (1, causal_attention_dots(bench.BATCH * bench.HEADS, bench.SEQ, d // bench.HEADS, block))]
-    from t5x_like.training.fused_loss import chunk_length
+    from t5x_like.objectives.fused_cross_entropy import chunk_length
     chunk = chunk_length(bench.SEQ, bench.BATCH, vocab)
     rows = bench.BATCH * chunk
     loss = [((rows, d), (d, vocab), (((1,), (0,)), ((), ()))),      # logits
@@ -75,7 +75,7 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
-    from t5x_like.training import flops as flops_lib
+    from t5x_like.training import matmul_peak
 
     dtype = jnp.dtype(args.dtype)
     total_s = total_flops = 0.0
@@ -92,11 +92,11 @@ def main():
         total_flops += count * flops
         print(f"{count:>5} {str(lhs):>16} {str(rhs):>16} {str(dims[0]):>12} {seconds * 1e3:8.1f} "
               f"{flops / seconds / 1e12:8.3f}", flush=True)
-    peak = flops_lib.measure_matmul_peak(dtype, min_seconds=3.0)
+    peak = matmul_peak.measure_matmul_peak(dtype, min_seconds=3.0)
     model = bench.medium_model(args.family, args.dtype)
     batch = bench.make_batch(args.family)
     params = jax.eval_shape(lambda: model.init_variables(jax.random.key(0), batch))["params"]
-    model_flops = flops_lib.train_flops_per_example(model, params, {k: v.shape[1] for k, v in batch.items()})
+    model_flops = model.flops_per_example(params, {k: v.shape[1] for k, v in batch.items()})
     model_flops *= bench.BATCH
     print(f"matmuls alone: {total_s:.2f} s per step ({total_flops / 1e12:.3f} TFLOP executed, "
           f"{model_flops / 1e12:.3f} TFLOP counted by the MFU formula); square-matmul peak {peak / 1e12:.3f} TFLOP/s")

@@ -97,7 +97,7 @@ def main():
 
     import jax
 
-    from t5x_like.training import flops as flops_lib
+    from t5x_like.training import matmul_peak
     from t5x_like.training import optimizers, steps as steps_lib
     from t5x_like.training.train_state import TrainState
 
@@ -120,7 +120,7 @@ def main():
             jax.block_until_ready(m)
     seconds = (time.perf_counter() - start) / args.steps
     lengths = {k: v.shape[1] for k, v in batch.items()}
-    flops = flops_lib.train_flops_per_example(model, state.params, lengths) * bench.BATCH
+    flops = model.flops_per_example(state.params, lengths) * bench.BATCH
     print(f"{args.family} {args.dtype}: {best:.2f} s/step (best of {args.steps}; {seconds:.2f} profiled), "
           f"model {flops / 1e12:.3f} TFLOP/step")
     print(compiled.memory_analysis())

@@ -36,7 +36,7 @@ import tempfile
 import time
 
 try:
-    from t5x_like import host_runtime
+    from t5x_like.runtime import host_runtime
 except ImportError:  # an older checkout being measured for a before/after comparison
     host_runtime = None
 
@@ -100,7 +100,7 @@ def make_batch(family: str, seed: int = 0) -> dict:
 
 def medium_model(family: str, dtype: str):
     """The medium config train_step.py imports from transformers, built directly."""
-    from t5x_like.models import base
+    from t5x_like import models as base
     from t5x_like.models.config import DecoderOnlyConfig, EncoderDecoderConfig, EncoderOnlyConfig
 
     common = dict(vocab_size=VOCAB, d_model=D_MODEL, num_heads=HEADS, head_dim=D_MODEL // HEADS,
@@ -141,7 +141,7 @@ def run_t5x_like(family: str, dtype: str, checkpoint: str, steps: int) -> dict:
     import jax
 
     from t5x_like.interop import hf
-    from t5x_like.training import flops as flops_lib
+    from t5x_like.training import matmul_peak
     from t5x_like.training import optimizers, steps as steps_lib
     from t5x_like.training.train_state import TrainState
 
@@ -166,12 +166,12 @@ def run_t5x_like(family: str, dtype: str, checkpoint: str, steps: int) -> dict:
 
     seconds = timed_steps(step, steps)
     lengths = {k: v.shape[1] for k, v in batch.items()}
-    flops = flops_lib.train_flops_per_example(model, variables["params"], lengths) * BATCH
+    flops = model.flops_per_example(variables["params"], lengths) * BATCH
     peak_dtype = jax.numpy.bfloat16 if dtype == "bfloat16" else jax.numpy.float32
     try:
-        peak = flops_lib.measure_matmul_peak(peak_dtype, min_seconds=3.0)
+        peak = matmul_peak.measure_matmul_peak(peak_dtype, min_seconds=3.0)
     except TypeError:  # a checkout from before min_seconds (for "before" runs)
-        peak = flops_lib.measure_matmul_peak(peak_dtype, repeats=30)
+        peak = matmul_peak.measure_matmul_peak(peak_dtype, repeats=30)
     memory = compiled.memory_analysis()
     temp = getattr(memory, "temp_size_in_bytes", 0) / 2 ** 30 if memory is not None else float("nan")
     return {"seconds": seconds, "flops": flops, "peak": peak, "rss_gib": peak_rss_gib(), "temp_gib": temp,

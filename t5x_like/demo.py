@@ -13,23 +13,13 @@ DEFAULT_MODEL_FILES = ("models/t5_1_1_tiny.gin", "models/gpt2_tiny.gin", "models
                        "models/bert_tiny.gin")
 
 
-def random_batch(model, batch_size: int, length: int, seed: int = 0) -> dict:
-    """Random non-pad tokens for every feature the model requires (targets for encoder-decoders)."""
-    rng = np.random.default_rng(seed)
-    vocab = model.config.vocab_size
-    batch = {k: rng.integers(1, vocab, (batch_size, length), dtype=np.int32) for k in model.required_features}
-    if "decoder_input_tokens" in batch:
-        batch["decoder_target_tokens"] = rng.integers(1, vocab, (batch_size, length), dtype=np.int32)
-    return batch
-
-
 def describe(gin_file: str, bindings=(), batch_size: int = 2, length: int = 64) -> dict:
     gin_config.parse([gin_file], bindings)
     model = gin_config.model_from_gin()
     variables = model.init_variables(jax.random.key(0))
     params = variables["params"]
     embed = int(np.prod(params["token_embed"]["embedding"].shape))
-    batch = random_batch(model, batch_size, length)
+    batch = model.random_batch(batch_size, length)
     forward = jax.jit(model.compute_logits)
     logits = jax.block_until_ready(forward(variables, batch))  # compile
     start = time.perf_counter()

@@ -18,7 +18,7 @@ Modes:
              plots into the sweep directory; start the same command on more hosts to share the study
 
 Multi-host: run one program per host with --coordinator_address=HOST:PORT --num_processes=N
---process_id=I (or T5X_LIKE_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID); see distributed.py.
+--process_id=I (or T5X_LIKE_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID); see runtime/distributed.py.
 
 A user error prints one line `error: ...` and exits with status 2; no traceback.
 """
@@ -123,12 +123,12 @@ def run_inference_mode(mode: str, gin_files, bindings, input_path, output_path) 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from t5x_like.distributed import DistributedError
-    from t5x_like.decoding import DecodingError
+    from t5x_like.runtime.distributed import DistributedError
+    from t5x_like.inference.decoding import DecodingError
     from t5x_like.gin_config import GinConfigError
-    from t5x_like.inference import InferenceError
+    from t5x_like.inference.modes import InferenceError
     from t5x_like.interop.hf import HFInteropError
-    from t5x_like.models.config import ConfigError
+    from t5x_like.models import ConfigError, ModelCapabilityError
     from t5x_like.partitioning import MeshError
     from t5x_like.sweep import SweepSpecError
     from t5x_like.training.checkpointing import CheckpointError
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     try:
         args, bindings = parse_args(argv)
         if args.mode in ("train", "eval"):
-            from t5x_like import distributed  # before anything asks JAX for devices
+            from t5x_like.runtime import distributed  # before anything asks JAX for devices
             distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
             run_gin_mode(args.mode, args.gin_file, bindings)
         elif args.mode == "plot":
@@ -165,11 +165,11 @@ def main(argv=None) -> int:
         return 0
     except (UsageError, GinConfigError, HFInteropError, ConfigError, CheckpointError, MeshError,
             TrainingDivergedError, FileNotFoundError, DistributedError,
-            DecodingError, InferenceError, SweepSpecError) as e:
+            DecodingError, InferenceError, SweepSpecError, ModelCapabilityError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from t5x_like import distributed
+        from t5x_like.runtime import distributed
         message = distributed.peer_failure_message(e)
         if message is None:
             raise
@@ -178,6 +178,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from t5x_like.host_runtime import reexec_with_tuned_allocator
-    reexec_with_tuned_allocator()  # before JAX starts: see host_runtime.py
+    from t5x_like.runtime.host_runtime import reexec_with_tuned_allocator
+    reexec_with_tuned_allocator()  # before JAX starts: see runtime/host_runtime.py
     sys.exit(main())

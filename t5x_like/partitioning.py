@@ -8,7 +8,7 @@ state get `NamedSharding`s from those rules and `jax.jit` (pjit) does the rest.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import flax.linen as nn
 import gin
@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
-# Axes the batch is split over: every axis that does not split a parameter's compute.
+# Axes the batch is split over: every axis that does not split a parameter's compute (as in MaxText).
 BATCH_MESH_AXES = ("data", "fsdp", "expert")
 
 # Order matters: a mesh axis already used by an earlier logical axis of the same array is skipped,
@@ -54,7 +54,6 @@ def logical_axis_rules(overrides: Sequence[tuple[str, Optional[str | tuple[str, 
     return tuple(overrides) + tuple(r for r in DEFAULT_RULES if r[0] not in names)
 
 
-@gin.configurable
 def mesh_shape(data: int = -1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
                num_devices: Optional[int] = None) -> dict[str, int]:
     """Sizes of the mesh axes; one axis may be -1 to take all devices the others leave."""
@@ -119,6 +118,40 @@ def logical_to_sharding(logical_specs, mesh: Mesh, rules=None):
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Batch arrays [batch, ...]: leading axis over the data-like mesh axes, the rest replicated."""
     return NamedSharding(mesh, P(BATCH_MESH_AXES, *([None] * (ndim - 1))))
+
+
+def default_batch_spec(mesh: Mesh) -> P:
+    """Batch dimension split over those of the data-parallel axes (BATCH_MESH_AXES) that `mesh` has."""
+    axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names)
+    if not axes:
+        raise MeshError(f"mesh axes {mesh.axis_names} include none of {BATCH_MESH_AXES} to split the batch "
+                        "over; pass partition_spec")
+    return P(axes)
+
+
+def to_global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh,
+                    partition_spec: Optional[P] = None) -> dict[str, jax.Array]:
+    """Each host passes its own rows; the result is one global array per feature, with
+    process_count * host rows, sharded over the mesh (no host sees the others' data)."""
+    spec = partition_spec if partition_spec is not None else default_batch_spec(mesh)
+    sharding = NamedSharding(mesh, spec)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in host_batch.items()}
+
+
+def host_rows_of(mesh: Mesh, global_batch_size: int, partition_spec: Optional[P] = None) -> tuple[int, int]:
+    """The rows of the global batch this process' devices hold: the slice `to_global_batch`
+    expects from this host (`get_iterator(host_rows=...)`). Raises if they are not one contiguous
+    block (an unusual mesh)."""
+    spec = partition_spec if partition_spec is not None else default_batch_spec(mesh)
+    index_map = NamedSharding(mesh, spec).addressable_devices_indices_map((global_batch_size,))
+    starts = sorted({(idx[0].start or 0, global_batch_size if idx[0].stop is None else idx[0].stop)
+                     for idx in index_map.values()})
+    for (_, a_stop), (b_start, _) in zip(starts, starts[1:]):
+        if a_stop != b_start:
+            raise ValueError(f"this host's devices hold non-contiguous batch rows {starts} on mesh "
+                             f"{dict(mesh.shape)}; read per-host shards instead")
+    return starts[0][0], starts[-1][1]
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

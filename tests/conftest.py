@@ -24,3 +24,39 @@ def _clear_gin():
     (gin-configurable configs would silently take its values for fields a test leaves unset)."""
     yield
     gin.clear_config()
+
+
+# Layer and network-assembly tests (tests/layers, tests/models) share this helper as a fixture
+# (test folders have no __init__.py).
+def _random_params(module, *args, seed=0, **kwargs):
+    """Params for `module` applied to `args`, drawn with numpy.
+
+    Shapes come from `jax.eval_shape` (nothing is compiled, which keeps the suite fast), and every
+    leaf is random: biases and norm scales are not left at 0 / 1, so a missing or misplaced bias
+    or scale changes the output.
+    """
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    shapes = nn.unbox(jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs)))["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['scale']"):
+            x = 1.0 + 0.2 * rng.standard_normal(s.shape)
+        elif name.endswith("['bias']"):
+            x = 0.3 * rng.standard_normal(s.shape)
+        elif name.endswith("['kernel']"):
+            x = rng.standard_normal(s.shape) / np.sqrt(s.shape[0])
+        else:
+            x = rng.standard_normal(s.shape)
+        return np.asarray(x, s.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@pytest.fixture
+def random_params():
+    return _random_params

@@ -47,3 +47,17 @@ def test_missing_model_macro_is_a_clear_error():
     gin_config.parse([])
     with pytest.raises(gin_config.GinConfigError, match="no MODEL defined"):
         gin_config.model_from_gin()
+
+
+@pytest.mark.parametrize("binding", ["get_dataset.batch_size = 3", "get_iterator.seed = 1",
+                                     "Checkpointer.keep_last = 5", "mesh_shape.tensor = 2"])
+def test_bindings_of_functions_callers_configure_are_refused(binding):
+    """These take their arguments from their callers (train.*, create_mesh.*), which would silently
+    override a binding of them: they are not configurable, and binding one is an error."""
+    import t5x_like.data.iterators  # noqa: F401  (every module defining them is imported)
+    import t5x_like.partitioning  # noqa: F401
+    import t5x_like.training.checkpointing  # noqa: F401
+    name = binding.split(".")[0]
+    with pytest.raises(gin_config.GinConfigError, match=f"No configurable matching '{name}'"):
+        gin_config.parse([], [binding])
+    gin_config.parse([], ["create_mesh.tensor = 2"])  # the real configurable

@@ -1,10 +1,10 @@
-"""Mesh construction, logical-axis rules and sharded forward passes on 8 fake CPU devices."""
+"""Mesh construction, logical-axis rules, global batches and sharded forward passes on 8 fake CPU devices."""
 
 import jax
 import numpy as np
 import pytest
 import flax.linen as nn
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from t5x_like import partitioning
 from t5x_like.models import DecoderOnlyConfig, DecoderOnlyModel, EncoderDecoderConfig, EncoderDecoderModel
@@ -38,6 +38,44 @@ def test_batch_size_must_divide_data_shards():
     partitioning.check_batch_size(16, mesh)
     with pytest.raises(partitioning.MeshError, match="not divisible by the 8 data-parallel shards"):
         partitioning.check_batch_size(12, mesh)
+
+
+def test_global_batch_on_a_single_device_mesh():
+    rng = np.random.default_rng(0)
+    batch = {"decoder_target_tokens": rng.integers(1, 64, (2, 16), dtype=np.int32),
+             "decoder_loss_weights": np.ones((2, 16), np.float32)}
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    global_batch = partitioning.to_global_batch(batch, mesh)
+    for key, value in batch.items():
+        assert isinstance(global_batch[key], jax.Array)
+        np.testing.assert_array_equal(np.asarray(global_batch[key]), value)
+    assert partitioning.default_batch_spec(Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "tensor"))) \
+        == P(("data",))
+    with pytest.raises(ValueError, match="pass partition_spec"):
+        partitioning.default_batch_spec(Mesh(np.array(jax.devices()[:1]), ("tensor",)))
+
+
+def test_global_batch_is_split_over_the_data_axis_of_a_multi_device_mesh():
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "tensor"))
+    host = {"decoder_target_tokens": np.arange(8 * 5, dtype=np.int32).reshape(8, 5)}
+    out = partitioning.to_global_batch(host, mesh)["decoder_target_tokens"]
+    assert out.shape == (8, 5) and len(out.sharding.device_set) == 4
+    shards = sorted((s.index[0].start, s.data.shape) for s in out.addressable_shards)
+    assert shards == [(0, (4, 5)), (0, (4, 5)), (4, (4, 5)), (4, (4, 5))], shards
+    np.testing.assert_array_equal(np.asarray(out), host["decoder_target_tokens"])
+
+
+def test_global_batch_has_the_batch_sharding_of_the_train_step():
+    mesh = partitioning.create_mesh(data=2, fsdp=2, tensor=2)
+    out = partitioning.to_global_batch({"x": np.zeros((8, 3), np.int32)}, mesh)["x"]
+    assert out.sharding.is_equivalent_to(partitioning.batch_sharding(mesh, 2), 2)
+    assert partitioning.data_parallel_size(mesh) == 4
+    assert len({s.index[0].start for s in out.addressable_shards}) == 4
+
+
+def test_host_rows_of_a_single_process_are_the_whole_batch():
+    assert partitioning.host_rows_of(partitioning.create_mesh(data=2, tensor=4), 16) == (0, 16)
+    assert partitioning.host_rows_of(partitioning.create_mesh(data=1, fsdp=-1), 8) == (0, 8)
 
 
 def _sharded_logits(model, variables, batch, mesh):

@@ -15,11 +15,10 @@ try:  # TF only feeds data here: accelerators belong to JAX (and TF would reserv
 except RuntimeError:  # TF already initialised its devices; leave them as they are
     pass
 
-from t5x_like.data.corpus import (Corpus, CorpusError, corpus_names, embedded_corpus_dir,
-                                  get_corpus, register_corpora, register_corpus)
-from t5x_like.data.embedded import data_dir, embedded_stats
-from t5x_like.data.iterators import (DataIterator, default_batch_spec, get_dataset, get_iterator,
-                                     host_shard_info, to_global_batch)
+from t5x_like.data.corpus import (Corpus, CorpusError, corpus_names, get_corpus, register_corpora,
+                                  register_corpus)
+from t5x_like.data.embedded import data_dir, embedded_corpus_dir, embedded_stats
+from t5x_like.data.iterators import DataIterator, get_dataset, get_iterator, host_shard_info
 from t5x_like.data.tasks import (OBJECTIVES, MaskedLMFeatureConverter, check_task_feature_lengths,
                                  default_task_feature_lengths, feature_converter_for,
                                  feature_converter_for_task, info, mixture_name, register_mixture,
@@ -31,8 +30,8 @@ from t5x_like.data.vocabularies import (VocabularyError, byte_vocabulary, get_vo
 
 __all__ = [
     "Corpus", "CorpusError", "corpus_names", "embedded_corpus_dir", "get_corpus", "register_corpora",
-    "register_corpus", "data_dir", "embedded_stats", "DataIterator", "default_batch_spec", "get_dataset",
-    "get_iterator", "host_shard_info", "to_global_batch", "OBJECTIVES", "MaskedLMFeatureConverter",
+    "register_corpus", "data_dir", "embedded_stats", "DataIterator", "get_dataset", "get_iterator",
+    "host_shard_info", "OBJECTIVES", "MaskedLMFeatureConverter",
     "check_task_feature_lengths", "default_task_feature_lengths", "feature_converter_for",
     "feature_converter_for_task", "info", "mixture_name", "register_mixture", "register_tasks",
     "task_name", "task_names", "VocabularyError", "byte_vocabulary", "get_vocabulary",

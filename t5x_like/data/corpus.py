@@ -381,7 +381,3 @@ def register_corpora(corpora: Mapping[str, Mapping] = gin.REQUIRED) -> list[str]
         done.append(name)
     return done
 
-
-def embedded_corpus_dir(*, rebuild: bool = False) -> str:
-    """The embedded corpus folder, built on first use (see t5x_like.data.embedded)."""
-    return embedded.embedded_corpus_dir(rebuild=rebuild)

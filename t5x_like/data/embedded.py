@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Iterator
 
 RECIPE_VERSION = 1
 NUM_TRAIN_SHARDS = 32          # >= 16 so that hosts shard by file
@@ -290,13 +289,6 @@ def content_sha256(corpus_dir: str) -> str:
             with open(path, "rb") as f:
                 digest.update(f.read())
     return digest.hexdigest()
-
-
-def iter_jsonl_texts(path: str) -> Iterator[str]:
-    """Documents of one shard of the embedded corpus (for inspection and tests)."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)["text"]
 
 
 def embedded_stats() -> dict:

@@ -1,4 +1,5 @@
-"""Per-host batches: deterministic for a seed, resumable exactly, and assembled into global jax.Arrays.
+"""Per-host batches: deterministic for a seed and resumable exactly (`partitioning.to_global_batch`
+assembles them into global jax.Arrays).
 
 Resume strategy: rebuild the pipeline with the same seed and skip the batches already consumed,
 rather than checkpointing the tf.data iterator. The state is then a few JSON fields (Orbax saves it
@@ -14,17 +15,14 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
-import gin
 import jax
 import numpy as np
 import seqio
 import tensorflow as tf
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from t5x_like.data import tasks as tasks_lib
 
 STATE_VERSION = 1
-BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes that divide the batch, as in MaxText
 
 
 def host_shard_info() -> seqio.ShardInfo:
@@ -32,7 +30,6 @@ def host_shard_info() -> seqio.ShardInfo:
     return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
 
 
-@gin.configurable
 def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
                 split: str = "train", batch_size: int = 8, shuffle: bool = True, seed: int = 0,
                 shard_info: Optional[seqio.ShardInfo] = None, pack: bool = True,
@@ -131,7 +128,6 @@ class DataIterator:
         self._iterator = None  # rebuilt lazily, skipping the consumed batches
 
 
-@gin.configurable
 def get_iterator(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
                  split: str = "train", batch_size: int = 8, shuffle: bool = True, seed: int = 0,
                  shard_info: Optional[seqio.ShardInfo] = None, pack: bool = True,
@@ -142,7 +138,7 @@ def get_iterator(mixture_or_task_name: str, task_feature_lengths: Mapping[str, i
     `host_rows=(start, stop)`: instead of its own shard, this host reads the whole (unsharded)
     stream in batches of `batch_size` (the global batch) and keeps rows start..stop-1 of each. The
     global batches are then the same for any number of hosts (reproducible across host counts,
-    at the price of every host reading all data); see `host_rows_of`.
+    at the price of every host reading all data); see `partitioning.host_rows_of`.
     """
     if host_rows is not None:
         shard_info = seqio.ShardInfo(index=0, num_shards=1)
@@ -161,37 +157,3 @@ def get_iterator(mixture_or_task_name: str, task_feature_lengths: Mapping[str, i
     config["host_rows"] = [start, stop]
     return DataIterator(lambda: get_dataset(shard_info=shard_info, **kwargs).map(
         lambda b: {k: v[start:stop] for k, v in b.items()}), config)
-
-
-def host_rows_of(mesh: Mesh, global_batch_size: int,
-                 partition_spec: Optional[PartitionSpec] = None) -> tuple[int, int]:
-    """The rows of the global batch this process' devices hold: the slice `to_global_batch`
-    expects from this host. Raises if they are not one contiguous block (an unusual mesh)."""
-    spec = partition_spec if partition_spec is not None else default_batch_spec(mesh)
-    index_map = NamedSharding(mesh, spec).addressable_devices_indices_map((global_batch_size,))
-    starts = sorted({(idx[0].start or 0, global_batch_size if idx[0].stop is None else idx[0].stop)
-                     for idx in index_map.values()})
-    for (_, a_stop), (b_start, _) in zip(starts, starts[1:]):
-        if a_stop != b_start:
-            raise ValueError(f"this host's devices hold non-contiguous batch rows {starts} on mesh "
-                             f"{dict(mesh.shape)}; read per-host shards instead")
-    return starts[0][0], starts[-1][1]
-
-
-def default_batch_spec(mesh: Mesh) -> PartitionSpec:
-    """Batch dimension split over the mesh's data-parallel axes (data, fsdp, expert)."""
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    if not axes:
-        raise ValueError(f"mesh axes {mesh.axis_names} include none of {BATCH_AXES} to split the batch "
-                         "over; pass partition_spec")
-    return PartitionSpec(axes)
-
-
-def to_global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh,
-                    partition_spec: Optional[PartitionSpec] = None) -> dict[str, jax.Array]:
-    """Each host passes its own rows; the result is one global array per feature, with
-    process_count * host rows, sharded over the mesh (no host sees the others' data)."""
-    spec = partition_spec if partition_spec is not None else default_batch_spec(mesh)
-    sharding = NamedSharding(mesh, spec)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in host_batch.items()}

@@ -251,6 +251,21 @@ def vocabulary_names() -> list[str]:
     return sorted(_FACTORIES)
 
 
+def vocabulary_name(name_or_path: str) -> str:
+    """A registered vocabulary's name as given, or for a SentencePiece `.model` file (such as the
+    spiece.model that came with a Hugging Face checkpoint) the name it is registered under, derived
+    from its absolute path, so every mode reads such a file the same way."""
+    if not name_or_path.endswith(".model"):
+        return name_or_path
+    path = os.path.abspath(os.path.expanduser(name_or_path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"SentencePiece model {name_or_path!r} does not exist")
+    name = "file" + hashlib.sha1(path.encode()).hexdigest()[:12]
+    if name not in _FACTORIES:
+        register_vocabulary(name, vocabulary_from_file(path))
+    return name
+
+
 # Built-ins bypass the gin-configurable constructors so that bindings meant for users' vocabularies
 # never change what "spm" and "byte" mean.
 register_vocabulary("spm", lambda: CorpusSentencePieceVocabulary(corpus_lib.EMBEDDED, DEFAULT_VOCAB_SIZE))

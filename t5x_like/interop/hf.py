@@ -3,24 +3,33 @@
 A checkpoint is a directory as `save_pretrained` writes it: `config.json` plus safetensors weights
 (one file or shards with an index). Pickled weights (`pytorch_model.bin`) are refused, never loaded.
 Each supported architecture has a `Converter` in a sibling module (`hf_t5`, `hf_llama`, ...) that
-maps config fields and weight names; this module does the file handling, dispatch and checks.
+maps config fields and weight names and registers itself with `converter`; this module imports all
+of them and does the file handling, dispatch and checks. The converter modules never import this
+one, so the imports run one way: hf -> hf_<family> -> converter.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
-from t5x_like.models.base import BaseModel, model_for_config
+from t5x_like.interop import converter
+# Every converter module; importing one registers it. A new family adds its module here.
+from t5x_like.interop import hf_bert, hf_gpt2, hf_llama, hf_mixtral, hf_t5  # noqa: F401
+# Re-exported, as callers and tests use them as `hf.X`.
+from t5x_like.interop.converter import (Converter, HFInteropError, WeightReader, register,  # noqa: F401
+                                        stack_layers, unstack_layers)
+from t5x_like.models import model_for_config
+
+if TYPE_CHECKING:
+    from t5x_like.models import BaseModel
 
 log = logging.getLogger(__name__)
 
@@ -30,69 +39,9 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 
 
-class HFInteropError(ValueError):
-    """A checkpoint that cannot be converted; the message names the file, weight or field."""
-
-
-class WeightReader:
-    """Named weights of one checkpoint; `get` checks presence and shape and records use."""
-
-    def __init__(self, weights: Mapping[str, np.ndarray], source: str):
-        self.weights = dict(weights)
-        self.source = source
-        self.used: set[str] = set()
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.weights
-
-    def get(self, name: str, shape: Optional[tuple[int, ...]] = None) -> np.ndarray:
-        if name not in self.weights:
-            raise HFInteropError(f"missing weight {name!r} in {self.source}; the checkpoint does not match "
-                                 "its config.json (re-save it with transformers' save_pretrained)")
-        value = self.weights[name]
-        if shape is not None and tuple(value.shape) != tuple(shape):
-            raise HFInteropError(f"weight {name!r} in {self.source} has shape {tuple(value.shape)} but "
-                                 f"config.json implies {tuple(shape)}; the config and weights disagree")
-        self.used.add(name)
-        return value
-
-    def unused(self, ignore: tuple[str, ...] = ()) -> list[str]:
-        return sorted(n for n in self.weights if n not in self.used
-                      and not any(re.fullmatch(p, n) for p in ignore))
-
-
-@dataclasses.dataclass(frozen=True)
-class Converter:
-    """How one HF architecture family maps onto a t5x_like config and parameter tree.
-
-    Parameter trees here are unscanned (`layers_0`, `layers_1`, ...); stacking for `scan_layers`
-    is done by this module.
-    """
-
-    architectures: tuple[str, ...]
-    model_types: tuple[str, ...]
-    config_from_hf: Callable[[dict], Any]            # HF config dict -> t5x_like config
-    params_from_hf: Callable[[WeightReader, Any], dict]  # -> {"params": ...}-less params tree
-    config_to_hf: Callable[[Any], dict]              # t5x_like config -> HF config dict
-    params_to_hf: Callable[[dict, Any], dict]        # params tree -> {hf_name: array}
-    can_export: Callable[[Any], bool]                # whether this converter writes that config
-    ignored_weights: tuple[str, ...] = ()            # regexes of HF weights with no counterpart
-    # Optional (config, reader) -> config, for facts only the weights show (T5: is lm_head tied?).
-    config_from_weights: Optional[Callable[[Any, WeightReader], Any]] = None
-
-
-_REGISTRY: list[Converter] = []
-
-
-def register(converter: Converter) -> Converter:
-    _REGISTRY.append(converter)
-    return converter
-
-
 def converters() -> list[Converter]:
-    # Imported here so that each converter module can import this one to register itself.
-    from t5x_like.interop import hf_bert, hf_gpt2, hf_llama, hf_mixtral, hf_t5  # noqa: F401
-    return list(_REGISTRY)
+    """Every converter (all are imported above, so the list is complete)."""
+    return converter.registered()
 
 
 def supported_architectures() -> list[str]:
@@ -100,14 +49,10 @@ def supported_architectures() -> list[str]:
 
 
 def _converter_for_hf(hf_config: dict, path: str) -> Converter:
-    archs = hf_config.get("architectures") or []
-    model_type = hf_config.get("model_type")
-    for conv in converters():
-        if any(a in conv.architectures for a in archs):
-            return conv
-    for conv in converters():
-        if not archs and model_type in conv.model_types:
-            return conv
+    conv = converter.for_hf_config(hf_config)
+    if conv is not None:
+        return conv
+    archs, model_type = hf_config.get("architectures") or [], hf_config.get("model_type")
     raise HFInteropError(f"unsupported Hugging Face architecture {archs or model_type!r} in {path}; "
                          f"supported: {', '.join(supported_architectures())}")
 
@@ -151,36 +96,9 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return weights
 
 
-_LAYER_KEY = re.compile(r"layers_(\d+)$")
-
-
-def stack_layers(tree):
-    """{'layers_0': t0, 'layers_1': t1, ...} -> {'layers': stack(t0, t1, ...)} at every level."""
-    if not isinstance(tree, dict):
-        return tree
-    out = {k: stack_layers(v) for k, v in tree.items() if not _LAYER_KEY.match(k)}
-    layers = sorted((int(_LAYER_KEY.match(k).group(1)), v) for k, v in tree.items() if _LAYER_KEY.match(k))
-    if layers:
-        out["layers"] = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[stack_layers(v) for _, v in layers])
-    return out
-
-
-def unstack_layers(tree):
-    """Inverse of `stack_layers`."""
-    if not isinstance(tree, dict):
-        return tree
-    out = {k: unstack_layers(v) for k, v in tree.items() if k != "layers"}
-    if "layers" in tree:
-        stacked = tree["layers"]
-        n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-        for i in range(n):
-            out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x: np.asarray(x[i]), stacked)
-    return out
-
-
 def _check_against_model(model: BaseModel, params: dict, source: str) -> None:
     """The converted tree must have exactly the structure and shapes the model initialises."""
-    expected = jax.eval_shape(lambda: model.init_variables(jax.random.key(0)))["params"]
+    expected = model.param_shapes()
     exp_flat = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)}
     got_flat = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(params)}
     for key in sorted(set(exp_flat) | set(got_flat)):
@@ -230,12 +148,11 @@ def save(model: BaseModel, variables: dict, path: str) -> None:
     from safetensors.numpy import save_file
 
     config = model.config
-    matches = [c for c in converters() if c.can_export(config)]
-    if not matches:
+    conv = converter.for_config(config)
+    if conv is None:
         raise HFInteropError(f"no Hugging Face architecture matches {type(config).__name__} with "
                              f"position_embedding={config.position_embedding!r}; supported: "
                              f"{', '.join(supported_architectures())}")
-    conv = matches[0]
     params = variables.get("params", variables)
     params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
     if config.scan_layers:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from t5x_like.interop import hf
-from t5x_like.interop.hf import HFInteropError, WeightReader
+from t5x_like.interop.converter import Converter, HFInteropError, WeightReader, register
 from t5x_like.models.config import EncoderOnlyConfig
 
 # HF hidden_act -> our activation. gelu_pytorch_tanh is the same function as gelu_new.
@@ -174,9 +173,9 @@ def params_to_hf(params: dict, cfg: EncoderOnlyConfig) -> dict:
     return out
 
 
-CONVERTER = hf.register(hf.Converter(
+CONVERTER = register(Converter(
     architectures=("BertForMaskedLM", "BertForPreTraining"),
-    model_types=("bert",),
+    model_types=("bert",), config_class=EncoderOnlyConfig,
     config_from_hf=config_from_hf,
     params_from_hf=params_from_hf,
     config_to_hf=config_to_hf,

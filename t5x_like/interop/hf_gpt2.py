@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from t5x_like.interop import hf
+from t5x_like.interop.converter import Converter, HFInteropError, WeightReader, register
 from t5x_like.models.config import DecoderOnlyConfig
-
-HFInteropError = hf.HFInteropError
 
 HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
                   "relu": "relu", "silu": "silu", "swish": "silu"}
@@ -42,12 +40,12 @@ def config_from_hf(cfg: dict) -> DecoderOnlyConfig:
         tie_embeddings=bool(cfg.get("tie_word_embeddings", True)))
 
 
-def _prefix(reader: hf.WeightReader) -> str:
+def _prefix(reader: WeightReader) -> str:
     # The original OpenAI-converted checkpoints name weights without the "transformer." prefix.
     return "transformer." if "transformer.wte.weight" in reader else ""
 
 
-def params_from_hf(reader: hf.WeightReader, c: DecoderOnlyConfig) -> dict:
+def params_from_hf(reader: WeightReader, c: DecoderOnlyConfig) -> dict:
     d, h, hd, m, p = c.d_model, c.num_heads, c.head_dim, c.mlp_dim, _prefix(reader)
 
     def ln(name):
@@ -124,8 +122,8 @@ def config_to_hf(c: DecoderOnlyConfig) -> dict:
     }
 
 
-CONVERTER = hf.register(hf.Converter(
-    architectures=("GPT2LMHeadModel",), model_types=("gpt2",),
+CONVERTER = register(Converter(
+    architectures=("GPT2LMHeadModel",), model_types=("gpt2",), config_class=DecoderOnlyConfig,
     config_from_hf=config_from_hf, params_from_hf=params_from_hf, config_to_hf=config_to_hf,
     params_to_hf=params_to_hf, can_export=can_export,
     # Causal-mask buffers that older transformers versions saved; a tied lm_head copy.

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from t5x_like.interop import hf
+from t5x_like.interop.converter import Converter, HFInteropError, WeightReader, register
 from t5x_like.models.config import DecoderOnlyConfig
-
-HFInteropError = hf.HFInteropError
 
 # HF hidden_act -> our activation name; the MLP is always act(gate) * up.
 HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
@@ -67,7 +65,7 @@ def _layer_names(i: int) -> dict[str, str]:
             "ln2": f"{p}.post_attention_layernorm.weight"}
 
 
-def params_from_hf(reader: hf.WeightReader, c: DecoderOnlyConfig, mlp_from_hf=None) -> dict:
+def params_from_hf(reader: WeightReader, c: DecoderOnlyConfig, mlp_from_hf=None) -> dict:
     """`mlp_from_hf(reader, config, layer_index)` replaces the dense MLP (hf_mixtral's experts)."""
     d, h, kv, hd, m = c.d_model, c.num_heads, c.kv_heads, c.head_dim, c.mlp_dim
     decoder = {"final_norm": {"scale": reader.get("model.norm.weight", (d,))}}
@@ -149,8 +147,9 @@ def config_to_hf(c: DecoderOnlyConfig) -> dict:
     return out
 
 
-CONVERTER = hf.register(hf.Converter(
+CONVERTER = register(Converter(
     architectures=("LlamaForCausalLM", "MistralForCausalLM"), model_types=("llama", "mistral"),
+    config_class=DecoderOnlyConfig,
     config_from_hf=config_from_hf, params_from_hf=params_from_hf, config_to_hf=config_to_hf,
     params_to_hf=params_to_hf, can_export=can_export,
     # Older checkpoints store rotary inverse frequencies; tied checkpoints may still carry lm_head.

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from t5x_like.interop import hf, hf_llama
+from t5x_like.interop import hf_llama
+from t5x_like.interop.converter import Converter, HFInteropError, WeightReader, register
 from t5x_like.models.config import DecoderOnlyConfig
-
-HFInteropError = hf.HFInteropError
 
 
 def config_from_hf(cfg: dict) -> DecoderOnlyConfig:
@@ -36,7 +35,7 @@ def _moe_prefix(i: int) -> str:
     return f"model.layers.{i}.block_sparse_moe"
 
 
-def mlp_from_hf(reader: hf.WeightReader, c: DecoderOnlyConfig, i: int) -> dict:
+def mlp_from_hf(reader: WeightReader, c: DecoderOnlyConfig, i: int) -> dict:
     d, m, e = c.d_model, c.mlp_dim, c.num_experts
     fused = f"model.layers.{i}.mlp"
     if f"{fused}.experts.gate_up_proj" in reader:
@@ -60,7 +59,7 @@ def mlp_to_hf(mlp: dict, c: DecoderOnlyConfig, i: int) -> dict[str, np.ndarray]:
     return out
 
 
-def params_from_hf(reader: hf.WeightReader, c: DecoderOnlyConfig) -> dict:
+def params_from_hf(reader: WeightReader, c: DecoderOnlyConfig) -> dict:
     return hf_llama.params_from_hf(reader, c, mlp_from_hf=mlp_from_hf)
 
 
@@ -86,8 +85,8 @@ def config_to_hf(c: DecoderOnlyConfig) -> dict:
     return out
 
 
-CONVERTER = hf.register(hf.Converter(
-    architectures=("MixtralForCausalLM",), model_types=("mixtral",),
+CONVERTER = register(Converter(
+    architectures=("MixtralForCausalLM",), model_types=("mixtral",), config_class=DecoderOnlyConfig,
     config_from_hf=config_from_hf, params_from_hf=params_from_hf, config_to_hf=config_to_hf,
     params_to_hf=params_to_hf, can_export=can_export,
     ignored_weights=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"lm_head\.weight"),

@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from t5x_like.interop import hf
+from t5x_like.interop.converter import Converter, HFInteropError, WeightReader, register
 from t5x_like.models.config import EncoderDecoderConfig
 
 # T5Config defaults, used for fields a config.json leaves out (as transformers does).
@@ -40,8 +40,8 @@ def _activations_from_hf(proj: str) -> tuple[str, ...]:
     # transformers reads "gated-gelu" as the tanh approximation (gelu_new), for backward compatibility.
     act = "gelu_new" if proj == "gated-gelu" else parts[-1]
     if (len(parts) > 1 and not gated) or act not in _ACT_FROM_HF:
-        raise hf.HFInteropError(f"T5 feed_forward_proj={proj!r} is not supported; use one of "
-                                f"{sorted(_ACT_FROM_HF)} or 'gated-' followed by one of them")
+        raise HFInteropError(f"T5 feed_forward_proj={proj!r} is not supported; use one of "
+                             f"{sorted(_ACT_FROM_HF)} or 'gated-' followed by one of them")
     return (_ACT_FROM_HF[act], "linear") if gated else (_ACT_FROM_HF[act],)
 
 
@@ -51,8 +51,8 @@ def _activations_to_hf(acts: tuple[str, ...]) -> str:
     if len(acts) == 2 and acts[1] == "linear":
         # "gated-gelu" already means tanh-GELU to transformers, so exact GELU needs another name.
         return {"gelu_tanh": "gated-gelu", "gelu": "gated-gelu_python"}.get(acts[0], f"gated-{_ACT_TO_HF[acts[0]]}")
-    raise hf.HFInteropError(f"mlp_activations={acts} has no T5 feed_forward_proj; T5 supports one "
-                            "activation or a gated pair (activation, 'linear')")
+    raise HFInteropError(f"mlp_activations={acts} has no T5 feed_forward_proj; T5 supports one "
+                         "activation or a gated pair (activation, 'linear')")
 
 
 def _scales_output(hf_config: dict) -> bool:
@@ -63,8 +63,8 @@ def config_from_hf(c: dict) -> EncoderDecoderConfig:
     c = {**_HF_DEFAULTS, **{k: v for k, v in c.items() if v is not None}}
     tied = c.get("tie_word_embeddings", True) is not False
     if not tied and _scales_output(c):
-        raise hf.HFInteropError("T5 config with an untied lm_head and scale_decoder_outputs=true is not "
-                                "supported; t5x_like scales the output only with tied embeddings")
+        raise HFInteropError("T5 config with an untied lm_head and scale_decoder_outputs=true is not "
+                             "supported; t5x_like scales the output only with tied embeddings")
     return EncoderDecoderConfig(
         vocab_size=c["vocab_size"], d_model=c["d_model"], num_heads=c["num_heads"], head_dim=c["d_kv"],
         mlp_dim=c["d_ff"], mlp_activations=_activations_from_hf(c["feed_forward_proj"]),
@@ -86,7 +86,7 @@ def config_to_hf(cfg: EncoderDecoderConfig) -> dict:
         (cfg.position_embedding != "relative", f"position_embedding={cfg.position_embedding!r} (T5 uses 'relative')"),
     ] if bad]
     if problems:
-        raise hf.HFInteropError("cannot export to Hugging Face T5: " + "; ".join(problems))
+        raise HFInteropError("cannot export to Hugging Face T5: " + "; ".join(problems))
     return {
         "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "is_encoder_decoder": True,
         "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "d_kv": cfg.head_dim, "d_ff": cfg.mlp_dim,
@@ -155,18 +155,18 @@ def _layout(cfg: EncoderDecoderConfig, scale_query: float = 1.0) -> list[_Entry]
     return entries
 
 
-def config_from_weights(cfg: EncoderDecoderConfig, reader: hf.WeightReader) -> EncoderDecoderConfig:
+def config_from_weights(cfg: EncoderDecoderConfig, reader: WeightReader) -> EncoderDecoderConfig:
     head, shared = reader.weights.get("lm_head.weight"), reader.weights.get("shared.weight")
     if not cfg.tie_embeddings or head is None or (
             shared is not None and head.shape == shared.shape and np.array_equal(head, shared)):
         return cfg
     if cfg.scale_tied_logits:
-        raise hf.HFInteropError(f"{reader.source}: lm_head.weight differs from shared.weight while config.json "
-                                "scales decoder outputs by d_model**-0.5; t5x_like scales only a tied head")
+        raise HFInteropError(f"{reader.source}: lm_head.weight differs from shared.weight while config.json "
+                             "scales decoder outputs by d_model**-0.5; t5x_like scales only a tied head")
     return cfg.replace(tie_embeddings=False)
 
 
-def params_from_hf(reader: hf.WeightReader, cfg: EncoderDecoderConfig) -> dict:
+def params_from_hf(reader: WeightReader, cfg: EncoderDecoderConfig) -> dict:
     params: dict = {}
     for e in _layout(cfg):
         # transformers ties lm_head to shared when the checkpoint has no lm_head.weight.
@@ -192,8 +192,9 @@ def can_export(cfg) -> bool:
     return isinstance(cfg, EncoderDecoderConfig) and cfg.position_embedding == "relative"
 
 
-CONVERTER = hf.register(hf.Converter(
+CONVERTER = register(Converter(
     architectures=("T5ForConditionalGeneration", "T5WithLMHeadModel"), model_types=("t5",),
+    config_class=EncoderDecoderConfig,
     config_from_hf=config_from_hf, params_from_hf=params_from_hf, config_to_hf=config_to_hf,
     params_to_hf=params_to_hf, can_export=can_export, config_from_weights=config_from_weights,
     # Copies of shared.weight that older checkpoints store (lm_head only when tied, i.e. equal),

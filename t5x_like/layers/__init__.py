@@ -8,4 +8,3 @@ from t5x_like.layers.mlp import Mlp
 from t5x_like.layers.moe import MoeMlp
 from t5x_like.layers.norms import Norm
 from t5x_like.layers.positions import RelativePositionBias, apply_rotary, relative_position_buckets
-from t5x_like.layers.transformer import TransformerLayer, TransformerStack

@@ -15,6 +15,7 @@ in `MOE_LOSS_KEYS` / `MOE_METRIC_KEYS`; `collect_moe_aux` reduces them over laye
 from __future__ import annotations
 
 import math
+import re
 from typing import Mapping, Optional, Sequence
 
 import jax
@@ -27,6 +28,10 @@ from t5x_like.layers.mlp import ACTIVATION_FNS
 # Losses are summed over MoE layers (each layer's router is regularised), metrics averaged.
 MOE_LOSS_KEYS = ("moe_aux_loss", "moe_z_loss")
 MOE_METRIC_KEYS = ("moe_dropped_fraction", "moe_expert_usage_max", "moe_expert_usage_min")
+
+# Names of expert parameters inside an `mlp` module: `wi`, `wi_0`, `wo` (kernels) and their `*_bias`.
+# Stored without a `kernel` level, so FLOP counts and upcycling recognise them by this pattern.
+EXPERT_PARAM_RE = re.compile(r"(w[io](?:_\d+)?)(_bias)?")
 
 # Expert kernels [expert, fan_in, fan_out]: variance scaling per expert, as a dense kernel would get.
 expert_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",

@@ -1,42 +1,59 @@
-"""Model wrappers: own a network and the mapping from seqio batches to its inputs.
+"""The model contract: a model owns everything specific to its type (as T5X's `BaseModel` does).
 
-`compute_logits(variables, batch)` is the one entry point that training, evaluation and decoding
-build on; batches use seqio feature-converter names.
+Training, evaluation, scoring, decoding, precompile, FLOPs and the demo call only these methods, so
+a new family is one module that subclasses `BaseModel`, fills in the family-specific parts, and
+registers itself (models/registry.py); nothing outside `models/` switches on the model type.
+
+What a family provides:
+- the features it reads: `required_features`, `optional_features`, `targets_feature`,
+  `weights_feature`, and `feature_lengths(task_feature_lengths)` (names and lengths of a packed
+  batch, which `batch_shapes` and precompile's abstract batch are built from);
+- `scoring_batch(inputs, targets)` and `prompt_ids(ids, bos_id)`: how (input, target) pairs and
+  prompts become its features;
+- decoding (`can_decode`): `prefill`, `init_cache`, `decode_step`, `decode_logits`;
+- `flops_per_example(params, feature_lengths)`.
+What every family shares lives here: init, logical axes, the forward pass, the MoE auxiliary losses
+folded into any objective's sums (`fold_aux_losses`), evaluation sums and per-example scores.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
-import gin
 
 from t5x_like.layers.moe import collect_moe_aux
-from t5x_like.models.config import DecoderOnlyConfig, EncoderDecoderConfig, EncoderOnlyConfig
-from t5x_like.models.decoder_only import DecoderOnly
-from t5x_like.models.encoder_decoder import EncoderDecoder
-from t5x_like.models.encoder_only import EncoderOnly
+from t5x_like.objectives.cross_entropy import cross_entropy_sums
+from t5x_like.objectives.fused_cross_entropy import OutputHead
+from t5x_like.objectives.metrics import EVAL_SUM_KEYS
 
 
-class OutputHead(NamedTuple):
-    """logits = (hidden * scale) . weight (+ bias): the projection a fused loss applies itself.
-    weight is [vocab, embed] when `vocab_major` (a tied embedding table), else [embed, vocab]."""
+class ModelCapabilityError(ValueError):
+    """The model cannot do what was asked (e.g. generate text from an encoder-only model)."""
 
-    weight: jax.Array
-    bias: Optional[jax.Array] = None
-    vocab_major: bool = False
-    scale: Optional[float] = None
+
+class DecodeStart(NamedTuple):
+    """What `prefill` hands the decoding loop: the model's fixed context (an encoder-decoder's
+    encoded inputs; None for decoder-only), the decoder prefix rows [rows, length] and their
+    real lengths [rows] (tokens the loop feeds before it generates)."""
+
+    context: Any
+    prefix: jax.Array
+    lengths: jax.Array
 
 
 class BaseModel:
-    """Subclasses set `network_cls`, `required_features` and `optional_features`."""
+    """Subclasses set the class attributes below and implement the family-specific methods."""
 
     network_cls: type[nn.Module]
     required_features: tuple[str, ...]
     optional_features: tuple[str, ...] = ()
+    targets_feature: str = "decoder_target_tokens"
+    weights_feature: str = "decoder_loss_weights"
+    can_decode: bool = False
 
     def __init__(self, config):
         self.config = config
@@ -44,6 +61,16 @@ class BaseModel:
 
     def __repr__(self):
         return f"{type(self).__name__}({self.config})"
+
+    # ------------------------------------------------------------ features
+
+    def feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
+        """Feature name -> row length of a packed training batch for these task feature lengths."""
+        raise NotImplementedError
+
+    def batch_shapes(self, task_feature_lengths: Mapping[str, int], batch_size: int) -> dict:
+        """Feature name -> (batch_size, length): the batch a train step compiles for, without data."""
+        return {k: (batch_size, n) for k, n in self.feature_lengths(task_feature_lengths).items()}
 
     def _inputs(self, batch: Mapping[str, np.ndarray]) -> dict:
         missing = [k for k in self.required_features if k not in batch]
@@ -53,8 +80,26 @@ class BaseModel:
         names = self.required_features + self.optional_features
         return {k: jnp.asarray(batch[k]) for k in names if k in batch and batch[k] is not None}
 
+    def targets_and_weights(self, batch: Mapping):
+        """Integer targets and float loss weights; weights default to non-padding (targets > 0)."""
+        if self.targets_feature not in batch:
+            raise KeyError(f"{type(self).__name__} needs {self.targets_feature!r} in the batch to compute a "
+                           f"loss; got features {sorted(batch)}")
+        targets = jnp.asarray(batch[self.targets_feature])
+        weights = batch.get(self.weights_feature)
+        weights = (targets > 0) if weights is None else jnp.asarray(weights)
+        return targets, weights.astype(jnp.float32)
+
     def dummy_batch(self, batch_size: int = 1, length: int = 8) -> dict:
         return {k: np.ones((batch_size, length), np.int32) for k in self.required_features}
+
+    def random_batch(self, batch_size: int, length: int, seed: int = 0) -> dict:
+        """Random non-pad tokens for every feature the forward pass requires, and the targets."""
+        rng = np.random.default_rng(seed)
+        names = dict.fromkeys(self.required_features + (self.targets_feature,))
+        return {k: rng.integers(1, self.config.vocab_size, (batch_size, length), dtype=np.int32) for k in names}
+
+    # ------------------------------------------------------------ variables and the forward pass
 
     def _init_fn(self, rng, batch):
         return self.module.init({"params": rng, "dropout": rng}, **self._inputs(batch))
@@ -64,6 +109,10 @@ class BaseModel:
         batch = self.dummy_batch() if batch is None else batch
         return nn.unbox(jax.jit(self._init_fn)(rng, batch))
 
+    def param_shapes(self, batch: Optional[Mapping] = None):
+        """ShapeDtypeStructs of the 'params' tree (nothing allocated): restore and conversion targets."""
+        return jax.eval_shape(lambda: self.init_variables(jax.random.key(0), batch))["params"]
+
     def logical_axes(self, batch: Optional[Mapping] = None):
         """The variables' logical axis names as a pytree of PartitionSpecs (nothing allocated)."""
         batch = self.dummy_batch() if batch is None else batch
@@ -72,85 +121,106 @@ class BaseModel:
 
     def compute_logits(self, variables, batch: Mapping, *, dropout_rng=None, deterministic: bool = True):
         """float32 logits [batch, length, vocab]."""
-        rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
         if not deterministic and dropout_rng is None:
             raise ValueError("compute_logits(deterministic=False) needs a dropout_rng")
+        rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
         return self.module.apply(variables, **self._inputs(batch), deterministic=deterministic, rngs=rngs)
 
-    def compute_logits_and_aux(self, variables, batch: Mapping, *, dropout_rng=None, deterministic: bool = True):
-        """(logits, aux): aux holds the MoE router losses and metrics (layers/moe.py), {} without MoE.
-
-        Training adds the weighted losses to its objective; `compute_logits` ignores them.
-        """
+    def forward(self, params, batch: Mapping, *, dropout_rng=None, return_hidden: bool = False):
+        """(logits, aux), or with `return_hidden` (the output before the projection that
+        `output_head` describes, aux). Dropout is on iff `dropout_rng` is given. aux holds the MoE
+        router losses and metrics (layers/moe.py), {} without MoE."""
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-        if not deterministic and dropout_rng is None:
-            raise ValueError("compute_logits_and_aux(deterministic=False) needs a dropout_rng")
-        logits, state = self.module.apply(variables, **self._inputs(batch), deterministic=deterministic, rngs=rngs,
-                                          mutable=["intermediates"])
-        return logits, collect_moe_aux(state.get("intermediates", {}))
+        out, state = self.module.apply({"params": params}, **self._inputs(batch), deterministic=dropout_rng is None,
+                                       rngs=rngs, return_hidden=return_hidden, mutable=["intermediates"])
+        return out, collect_moe_aux(state.get("intermediates", {}))
 
-    def compute_hidden_and_aux(self, variables, batch: Mapping, *, dropout_rng=None, deterministic: bool = True):
-        """(hidden, aux): the network's output before the logits projection, which `output_head`
-        describes, and the MoE aux as in `compute_logits_and_aux`. For losses that project in chunks."""
-        rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-        if not deterministic and dropout_rng is None:
-            raise ValueError("compute_hidden_and_aux(deterministic=False) needs a dropout_rng")
-        hidden, state = self.module.apply(variables, **self._inputs(batch), deterministic=deterministic, rngs=rngs,
-                                          return_hidden=True, mutable=["intermediates"])
-        return hidden, collect_moe_aux(state.get("intermediates", {}))
+    def compute_logits_and_aux(self, variables, batch: Mapping):
+        """(logits, aux) without dropout; see `forward`."""
+        return self.forward(variables["params"], batch)
 
     def output_head(self, params) -> OutputHead:
-        """The logits projection's parameters in `params` (tied table or dense kernel)."""
-        cfg = self.config
-        if cfg.tie_embeddings:
-            return OutputHead(params["token_embed"]["embedding"], vocab_major=True,
-                              scale=cfg.d_model ** -0.5 if cfg.scale_tied_logits else None)
-        return OutputHead(params["logits_dense"]["kernel"])
+        """The logits projection's parameters, as the network itself defines them."""
+        return self.module.apply({"params": params}, method="output_head")
 
     @staticmethod
     def num_params(variables) -> int:
         return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(variables.get("params", variables))))
 
+    # ------------------------------------------------------------ losses, evaluation, scores
 
-@gin.configurable
-class EncoderDecoderModel(BaseModel):
-    network_cls = EncoderDecoder
-    required_features = ("encoder_input_tokens", "decoder_input_tokens")
-    optional_features = ("decoder_target_tokens", "encoder_segment_ids", "decoder_segment_ids",
-                         "encoder_positions", "decoder_positions")
+    def fold_aux_losses(self, sums: dict, aux: Mapping) -> dict:
+        """Add the model's auxiliary losses (MoE router losses) to an objective's sums.
 
-    def __init__(self, config: EncoderDecoderConfig = gin.REQUIRED):
-        super().__init__(config)
+        Router losses are per-batch means; weighting them by the token count makes them add like a
+        per-token loss, so the default normaliser turns them back into weight x mean, and
+        microbatches average them by tokens. They never enter nll_sum (perplexity).
+        """
+        if not aux:
+            return sums
+        cfg, tokens = self.config, sums["tokens"]
+        router = cfg.moe_aux_loss_weight * aux["moe_aux_loss"] + cfg.moe_z_loss_weight * aux["moe_z_loss"]
+        return {**sums, "loss": sums["loss"] + tokens * router, **{k: v * tokens for k, v in aux.items()}}
 
+    def eval_sums(self, params, batch: Mapping) -> dict:
+        """Sums for perplexity and accuracy (objectives/metrics.py): no regulariser, no dropout."""
+        logits = self.compute_logits({"params": params}, batch)
+        targets, weights = self.targets_and_weights(batch)
+        sums = cross_entropy_sums(logits, targets, weights)
+        return {k: sums[k] for k in EVAL_SUM_KEYS}
 
-@gin.configurable
-class DecoderOnlyModel(BaseModel):
-    network_cls = DecoderOnly
-    required_features = ("decoder_input_tokens",)
-    optional_features = ("decoder_target_tokens", "decoder_segment_ids", "decoder_positions",
-                         "decoder_causal_attention")
+    def score(self, params, batch: Mapping) -> jax.Array:
+        """Log-likelihood [batch] of each row's weighted targets (a `scoring_batch`)."""
+        logits = self.compute_logits({"params": params}, batch)
+        targets, weights = self.targets_and_weights(batch)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        picked = jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        return jnp.sum(picked * weights, axis=-1)
 
-    def __init__(self, config: DecoderOnlyConfig = gin.REQUIRED):
-        super().__init__(config)
+    def scoring_batch(self, inputs, targets) -> dict:
+        """A batch whose weighted targets are `targets` given `inputs` (lists of id lists, no padding)."""
+        raise ModelCapabilityError(f"{type(self).__name__} cannot score (input, target) pairs")
 
+    def prompt_ids(self, ids: list[int], bos_id: Optional[int]) -> list[int]:
+        """Token ids of a text prompt as the model reads it (BOS, EOS)."""
+        raise ModelCapabilityError(f"{type(self).__name__} cannot take text prompts")
 
-@gin.configurable
-class EncoderOnlyModel(BaseModel):
-    network_cls = EncoderOnly
-    required_features = ("encoder_input_tokens",)
-    optional_features = ("encoder_segment_ids", "encoder_positions", "encoder_token_types")
+    # ------------------------------------------------------------ decoding (can_decode)
 
-    def __init__(self, config: EncoderOnlyConfig = gin.REQUIRED):
-        super().__init__(config)
+    def check_prompts(self, prompts: np.ndarray, prompt_lengths: np.ndarray, max_new_tokens: int) -> Optional[str]:
+        """What is wrong with these prompts for this model, or None."""
+        return None
 
-    def output_head(self, params) -> OutputHead:
-        return super().output_head(params)._replace(bias=params["mlm_bias"])
+    def prefill(self, params, prompts, prompt_lengths, *, beams: int = 1, decoder_start_id: int = 0) -> DecodeStart:
+        """Start decoding `prompts` [batch, length], each row repeated `beams` times in the context."""
+        raise ModelCapabilityError(f"{type(self).__name__} cannot generate: decoding needs a model with a decoder")
 
+    def init_cache(self, context, rows: int, length: int):
+        """Zero decoding caches for `rows` rows of `length` positions."""
+        raise NotImplementedError
 
-MODEL_FOR_CONFIG = {EncoderDecoderConfig: EncoderDecoderModel, DecoderOnlyConfig: DecoderOnlyModel,
-                    EncoderOnlyConfig: EncoderOnlyModel}
+    def decode_step(self, params, cache, context, tokens, positions, length: int):
+        """(logits [rows, vocab] of the token after `tokens` [rows, 1] at `positions`, new cache)."""
+        raise NotImplementedError
 
+    def decode_logits(self, params, context, seq):
+        """Logits [rows, length, vocab] of the whole decoder sequence, no cache (the reference path)."""
+        raise NotImplementedError
 
-def model_for_config(config):
-    """The wrapper matching a config's family."""
-    return MODEL_FOR_CONFIG[type(config)](config)
+    def reorder_cache(self, cache, index):
+        """Gather cache rows (beam search: the beams each new beam came from). Cache leaves are
+        [rows, ...], or [layers, rows, ...] when layers are scanned."""
+        axis = 1 if getattr(self.config, "scan_layers", False) else 0
+        return jax.tree_util.tree_map(lambda x: jnp.take(x, index, axis=axis) if x.ndim > axis + 1 else x, cache)
+
+    def _zero_cache(self, init):
+        """Zeros shaped like the 'cache' collection `init()` creates (shapes traced, nothing run)."""
+        shapes = jax.eval_shape(init)["cache"]
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    # ------------------------------------------------------------ cost
+
+    def flops_per_example(self, params, feature_lengths: Mapping[str, int]) -> float:
+        """Model FLOPs of one forward+backward pass over one row (DESIGN.md formula); `params` may
+        hold ShapeDtypeStructs, `feature_lengths` maps feature names to row lengths."""
+        raise NotImplementedError

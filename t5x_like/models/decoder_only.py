@@ -1,11 +1,27 @@
-"""Decoder-only language model: GPT-2 style or LLaMA style by config; causal or prefix-LM."""
+"""Decoder-only language model: GPT-2 style or LLaMA style by config; causal or prefix-LM.
+
+The network, and the model that owns its features, scoring, decoding and FLOPs (models/base.py).
+"""
 
 from __future__ import annotations
 
+from typing import Mapping, Optional
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from t5x_like.layers.attention import make_decoder_mask
-from t5x_like.layers.transformer import TransformerStack
+from t5x_like.models.base import BaseModel, DecodeStart
 from t5x_like.models.config import DecoderOnlyConfig
+from t5x_like.models.flops import attention_flops, matmul_params, unembedding_params
 from t5x_like.models.network_base import NetworkBase, default_positions
+from t5x_like.models.registry import register
+from t5x_like.models.transformer import TransformerStack
+
+DECODER_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "decoder_segment_ids",
+                    "decoder_positions")
 
 
 class DecoderOnly(NetworkBase):
@@ -37,3 +53,73 @@ class DecoderOnly(NetworkBase):
         x = self.embed(tokens, positions, True)
         x = self.decoder(x, None, positions, decode=True, decode_length=decode_length)
         return self.logits(x)
+
+
+@register(DecoderOnlyConfig)
+@gin.configurable
+class DecoderOnlyModel(BaseModel):
+    """Reads seqio's decoder features; decodes prompts through the KV cache of `decode_step`.
+
+    Subclasses may swap `network_cls` for any network with the same call signature and a
+    `decode_step(tokens, positions, decode_length)` that keeps its state in the 'cache' collection.
+    """
+
+    network_cls = DecoderOnly
+    required_features = ("decoder_input_tokens",)
+    optional_features = ("decoder_target_tokens", "decoder_segment_ids", "decoder_positions",
+                         "decoder_causal_attention")
+    can_decode = True
+
+    def __init__(self, config: DecoderOnlyConfig = gin.REQUIRED):
+        super().__init__(config)
+
+    def feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
+        return dict.fromkeys(DECODER_FEATURES, task_feature_lengths.get("inputs", 0) + task_feature_lengths["targets"])
+
+    def scoring_batch(self, inputs, targets) -> dict:
+        """The model reads input then target; only target tokens are weighted. An empty input scores
+        the target from a leading 0, the BOS of this project's LM tasks."""
+        seqs = [(list(x) if len(x) else [0]) + list(t) for x, t in zip(inputs, targets)]
+        shape = (len(seqs), max(len(s) for s in seqs) - 1)
+        dec_in, dec_tgt, weights = np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.float32)
+        for i, (s, t) in enumerate(zip(seqs, targets)):
+            dec_in[i, :len(s) - 1] = s[:-1]
+            dec_tgt[i, :len(s) - 1] = s[1:]
+            weights[i, len(s) - 1 - len(t):len(s) - 1] = 1
+        return {"decoder_input_tokens": dec_in, "decoder_target_tokens": dec_tgt, "decoder_loss_weights": weights}
+
+    def prompt_ids(self, ids, bos_id: Optional[int]) -> list[int]:
+        return ([bos_id] if bos_id is not None else []) + list(ids)
+
+    def check_prompts(self, prompts, prompt_lengths, max_new_tokens: int) -> Optional[str]:
+        if np.any(prompt_lengths < 1) or np.any(prompt_lengths > prompts.shape[1]):
+            return f"prompt_lengths {prompt_lengths.tolist()} must be in [1, {prompts.shape[1]}]"
+        cfg = self.config
+        if getattr(cfg, "position_embedding", None) == "learned" and \
+                prompts.shape[1] + max_new_tokens > cfg.max_position_embeddings:
+            return (f"prompt length {prompts.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+                    f"max_position_embeddings={cfg.max_position_embeddings}")
+        return None
+
+    def prefill(self, params, prompts, prompt_lengths, *, beams: int = 1, decoder_start_id: int = 0) -> DecodeStart:
+        # No context: the decoding loop feeds each prompt through the cache one token per step.
+        return DecodeStart(None, prompts, prompt_lengths)
+
+    def init_cache(self, context, rows: int, length: int):
+        tokens = jnp.zeros((rows, length), jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(length), (rows, length))
+        return self._zero_cache(lambda: self.module.init(jax.random.key(0), tokens, positions, length,
+                                                         method="decode_step"))
+
+    def decode_step(self, params, cache, context, tokens, positions, length: int):
+        logits, mutated = self.module.apply({"params": params, "cache": cache}, tokens, positions, length,
+                                            method="decode_step", mutable=["cache"])
+        return logits[:, 0], mutated["cache"]
+
+    def decode_logits(self, params, context, seq):
+        return self.module.apply({"params": params}, seq)
+
+    def flops_per_example(self, params, feature_lengths: Mapping[str, int]) -> float:
+        cfg, length = self.config, feature_lengths["decoder_input_tokens"]
+        flops = 6 * (matmul_params(params, cfg) + unembedding_params(cfg)) * length
+        return float(flops + attention_flops(cfg, cfg.num_layers, length, length, causal=True))

@@ -1,13 +1,26 @@
-"""T5-style encoder-decoder network (v1.0 and v1.1 variants by config)."""
+"""T5-style encoder-decoder (v1.0 and v1.1 variants by config).
+
+The network, and the model that owns its features, scoring, decoding and FLOPs (models/base.py).
+"""
 
 from __future__ import annotations
 
+from typing import Mapping, Optional
+
+import gin
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from t5x_like.layers.attention import make_cross_mask, make_decoder_mask, make_encoder_mask
-from t5x_like.layers.transformer import TransformerStack
+from t5x_like.models.base import BaseModel, DecodeStart
 from t5x_like.models.config import EncoderDecoderConfig
+from t5x_like.models.flops import attention_flops, matmul_params, unembedding_params
 from t5x_like.models.network_base import NetworkBase, default_positions
+from t5x_like.models.registry import register
+from t5x_like.models.transformer import TransformerStack
+
+EOS_ID = 1  # T5 inputs end with EOS
 
 
 class EncoderDecoder(NetworkBase):
@@ -57,3 +70,76 @@ class EncoderDecoder(NetworkBase):
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                            encoder_segment_ids, decoder_segment_ids, decoder_positions, deterministic,
                            return_hidden)
+
+
+@register(EncoderDecoderConfig)
+@gin.configurable
+class EncoderDecoderModel(BaseModel):
+    """Inputs go to the encoder, targets are decoded after the start id; the encoder runs once per decode."""
+
+    network_cls = EncoderDecoder
+    required_features = ("encoder_input_tokens", "decoder_input_tokens")
+    optional_features = ("decoder_target_tokens", "encoder_segment_ids", "decoder_segment_ids",
+                         "encoder_positions", "decoder_positions")
+    can_decode = True
+
+    def __init__(self, config: EncoderDecoderConfig = gin.REQUIRED):
+        super().__init__(config)
+
+    def feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
+        enc, dec = task_feature_lengths["inputs"], task_feature_lengths["targets"]
+        return {**dict.fromkeys(("encoder_input_tokens", "encoder_segment_ids", "encoder_positions"), enc),
+                **dict.fromkeys(("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
+                                 "decoder_segment_ids", "decoder_positions"), dec)}
+
+    def scoring_batch(self, inputs, targets) -> dict:
+        """Inputs to the encoder; targets decoded after the start id 0."""
+        rows = len(targets)
+        enc = np.zeros((rows, max(1, max(len(x) for x in inputs))), np.int32)
+        dec_shape = (rows, max(1, max(len(t) for t in targets)))
+        dec_in, dec_tgt = np.zeros(dec_shape, np.int32), np.zeros(dec_shape, np.int32)
+        weights = np.zeros(dec_shape, np.float32)
+        for i, (x, t) in enumerate(zip(inputs, targets)):
+            enc[i, :len(x)] = x
+            dec_tgt[i, :len(t)] = t
+            dec_in[i, 1:len(t)] = t[:-1]
+            weights[i, :len(t)] = 1
+        return {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in, "decoder_target_tokens": dec_tgt,
+                "decoder_loss_weights": weights}
+
+    def prompt_ids(self, ids, bos_id: Optional[int]) -> list[int]:
+        return list(ids) + [EOS_ID]
+
+    def prefill(self, params, prompts, prompt_lengths, *, beams: int = 1, decoder_start_id: int = 0) -> DecodeStart:
+        """Encode the prompts once (padding is id 0); the decoder starts from `decoder_start_id`."""
+        encoded = self.module.apply({"params": params}, prompts, method="encode")
+        context = (jnp.repeat(encoded, beams, axis=0), jnp.repeat(prompts, beams, axis=0))
+        batch = prompts.shape[0]
+        return DecodeStart(context, jnp.full((batch, 1), decoder_start_id, jnp.int32), jnp.ones((batch,), jnp.int32))
+
+    def init_cache(self, context, rows: int, length: int):
+        encoded, enc_tokens = (jnp.zeros(x.shape, x.dtype) for x in context)
+        tokens = jnp.zeros((rows, length), jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(length), (rows, length))
+        return self._zero_cache(lambda: self.module.init(jax.random.key(0), encoded, enc_tokens, tokens, positions,
+                                                         length, method="decode_step"))
+
+    def decode_step(self, params, cache, context, tokens, positions, length: int):
+        logits, mutated = self.module.apply({"params": params, "cache": cache}, *context, tokens, positions, length,
+                                            method="decode_step", mutable=["cache"])
+        return logits[:, 0], mutated["cache"]
+
+    def decode_logits(self, params, context, seq):
+        return self.module.apply({"params": params}, *context, seq, method="decode")
+
+    def flops_per_example(self, params, feature_lengths: Mapping[str, int]) -> float:
+        """Encoder tokens against the encoder's params, decoder tokens against the decoder's and the logits."""
+        cfg = self.config
+        enc_len, dec_len = feature_lengths["encoder_input_tokens"], feature_lengths["decoder_input_tokens"]
+        enc = matmul_params(params["encoder"], cfg)
+        dec = matmul_params({k: v for k, v in params.items() if k != "encoder"}, cfg)
+        flops = 6 * (enc * enc_len + (dec + unembedding_params(cfg)) * dec_len)
+        flops += attention_flops(cfg, cfg.num_encoder_layers, enc_len, enc_len, causal=False)
+        flops += attention_flops(cfg, cfg.num_decoder_layers, dec_len, dec_len, causal=True)
+        flops += attention_flops(cfg, cfg.num_decoder_layers, dec_len, enc_len, causal=False)
+        return float(flops)

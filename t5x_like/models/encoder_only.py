@@ -1,17 +1,26 @@
-"""BERT-style encoder with a masked-LM head."""
+"""BERT-style encoder with a masked-LM head.
+
+The network, and the model that owns its features and FLOPs (models/base.py); it cannot decode.
+"""
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import flax.linen as nn
+import gin
 
 from t5x_like.layers.attention import make_encoder_mask
 from t5x_like.layers.dense import DenseGeneral
 from t5x_like.layers.embeddings import Embed
 from t5x_like.layers.mlp import ACTIVATION_FNS
 from t5x_like.layers.norms import Norm
-from t5x_like.layers.transformer import TransformerStack, dtypes
+from t5x_like.models.base import BaseModel
 from t5x_like.models.config import EncoderOnlyConfig
+from t5x_like.models.flops import attention_flops, matmul_params, unembedding_params
 from t5x_like.models.network_base import NetworkBase, default_positions
+from t5x_like.models.registry import register
+from t5x_like.models.transformer import TransformerStack, dtypes
 
 
 class EncoderOnly(NetworkBase):
@@ -55,3 +64,31 @@ class EncoderOnly(NetworkBase):
                         deterministic)
         x = self.mlm_norm(ACTIVATION_FNS[self.config.mlm_head_activation](self.mlm_transform(x)))
         return x if return_hidden else self.logits(x) + self.mlm_bias
+
+    def output_head(self):
+        return super().output_head()._replace(bias=self.mlm_bias)
+
+
+@register(EncoderOnlyConfig)
+@gin.configurable
+class EncoderOnlyModel(BaseModel):
+    """Masked-LM: predicts the encoder's own (masked) tokens."""
+
+    network_cls = EncoderOnly
+    required_features = ("encoder_input_tokens",)
+    optional_features = ("encoder_segment_ids", "encoder_positions", "encoder_token_types")
+    targets_feature = "encoder_target_tokens"
+    weights_feature = "encoder_loss_weights"
+
+    def __init__(self, config: EncoderOnlyConfig = gin.REQUIRED):
+        super().__init__(config)
+
+    def feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
+        length = task_feature_lengths.get("inputs", task_feature_lengths.get("targets"))
+        return dict.fromkeys(("encoder_input_tokens", "encoder_target_tokens", "encoder_loss_weights",
+                              "encoder_segment_ids", "encoder_positions"), length)
+
+    def flops_per_example(self, params, feature_lengths: Mapping[str, int]) -> float:
+        cfg, length = self.config, feature_lengths["encoder_input_tokens"]
+        flops = 6 * (matmul_params(params, cfg) + unembedding_params(cfg)) * length
+        return float(flops + attention_flops(cfg, cfg.num_layers, length, length, causal=False))

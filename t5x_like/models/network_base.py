@@ -7,7 +7,8 @@ import flax.linen as nn
 
 from t5x_like.layers.dense import DenseGeneral
 from t5x_like.layers.embeddings import Embed, sinusoidal_positions
-from t5x_like.layers.transformer import dtypes
+from t5x_like.models.transformer import dtypes
+from t5x_like.objectives.fused_cross_entropy import OutputHead
 
 
 def default_positions(tokens, positions=None):
@@ -63,3 +64,11 @@ class NetworkBase(nn.Module):
             out = self.logits_dense(x)
         out = nn.with_logical_constraint(out, ("batch", "length", "vocab"))
         return out.astype(jnp.float32)
+
+    def output_head(self) -> OutputHead:
+        """The parameters `logits` projects with, for losses that project in chunks themselves."""
+        cfg = self.config
+        if cfg.tie_embeddings:
+            return OutputHead(self.token_embed.embedding, vocab_major=True,
+                              scale=cfg.d_model ** -0.5 if cfg.scale_tied_logits else None)
+        return OutputHead(self.logits_dense.variables["params"]["kernel"])

@@ -9,16 +9,14 @@ from the dense model's quality rather than from scratch.
 
 from __future__ import annotations
 
-import re
 from typing import Mapping, Optional
 
 import jax
 import numpy as np
 from flax import traverse_util
 
-from t5x_like.models.base import model_for_config
-
-_EXPERT_PARAM = re.compile(r"(w[io](?:_\d+)?)(_bias)?")
+from t5x_like.layers.moe import EXPERT_PARAM_RE
+from t5x_like.models.registry import model_for_config
 
 
 class UpcyclingError(ValueError):
@@ -38,7 +36,7 @@ def upcycle(dense_params: Mapping, moe_config, rng: Optional[jax.Array] = None) 
     out = {}
     for key, target in fresh.items():
         name = "/".join(key)
-        match = _EXPERT_PARAM.fullmatch(key[-1]) if len(key) >= 2 and key[-2] == "mlp" else None
+        match = EXPERT_PARAM_RE.fullmatch(key[-1]) if len(key) >= 2 and key[-2] == "mlp" else None
         if "router" in key:
             value = np.asarray(target)
         elif match:

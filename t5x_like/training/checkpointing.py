@@ -1,5 +1,5 @@
-"""Orbax checkpoints: model variables (`save_params`/`restore_params`) and full training runs
-(`Checkpointer`).
+"""Orbax checkpoints: model variables (`save_params`/`restore_params`/`restore_model_params`) and
+full training runs (`Checkpointer`).
 
 Layout: `<directory>/<step>/<item>` managed by `ocp.CheckpointManager`. A training step folder holds
 `state` (the train state pytree, any mix of jax/numpy arrays; typed PRNG keys are stored as their
@@ -25,12 +25,13 @@ import re
 import time
 from typing import Any, Optional
 
-import gin
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from t5x_like.training.train_state import abstract_params
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,13 @@ def save_params(directory: str, step: int, params) -> str:
 def checkpoints_dir(run_dir: str) -> str:
     """Where a run (MODEL_DIR, or an `import_hf` output folder) keeps its step folders."""
     return os.path.join(os.path.abspath(os.fspath(run_dir)), RUN_CHECKPOINTS)
+
+
+def restore_model_params(checkpoint_dir: str, model, step: Optional[int] = None, mesh=None):
+    """`model`'s params from checkpoint `step` (default: latest) of `checkpoint_dir` (see
+    `restore_params`), with the model's shapes and dtypes; laid out on `mesh` by its logical axes
+    when one is given, otherwise on the default device."""
+    return restore_params(checkpoint_dir, step=step, target=abstract_params(model, mesh))
 
 
 def restore_params(directory: str, step: Optional[int] = None, target=None):
@@ -163,7 +171,6 @@ class Restored:
     metrics: Optional[dict]
 
 
-@gin.configurable
 class Checkpointer:
     """Saves and resumes a training run.
 

@@ -25,33 +25,10 @@ import jax
 import numpy as np
 
 from t5x_like import partitioning
-from t5x_like.training import flops as flops_lib
 from t5x_like.training import steps
 from t5x_like.training.train_state import sharded_abstract_state
 
 GiB = 1024 ** 3
-
-
-def batch_shapes_for(model, task_feature_lengths: Mapping[str, int], batch_size: int) -> dict:
-    """Shapes of a packed batch as the seqio feature converters make it, without reading data."""
-    lengths = dict(task_feature_lengths)
-    family = type(model).__name__
-    if family == "EncoderDecoderModel":
-        enc, dec = lengths["inputs"], lengths["targets"]
-        names = {"encoder_input_tokens": enc, "encoder_segment_ids": enc, "encoder_positions": enc,
-                 "decoder_input_tokens": dec, "decoder_target_tokens": dec, "decoder_loss_weights": dec,
-                 "decoder_segment_ids": dec, "decoder_positions": dec}
-    elif family == "DecoderOnlyModel":
-        dec = lengths.get("inputs", 0) + lengths["targets"]
-        names = {"decoder_input_tokens": dec, "decoder_target_tokens": dec, "decoder_loss_weights": dec,
-                 "decoder_segment_ids": dec, "decoder_positions": dec}
-    elif family == "EncoderOnlyModel":
-        enc = lengths.get("inputs", lengths.get("targets"))
-        names = {"encoder_input_tokens": enc, "encoder_target_tokens": enc, "encoder_loss_weights": enc,
-                 "encoder_segment_ids": enc, "encoder_positions": enc}
-    else:
-        raise ValueError(f"precompile does not know the batch features of {family}")
-    return {k: (batch_size, n) for k, n in names.items()}
 
 
 def _bytes_per_device(tree) -> int:
@@ -67,15 +44,15 @@ def _bytes_per_device(tree) -> int:
 def precompile(model, *, task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
                batch_size: int = gin.REQUIRED, optimizer=gin.REQUIRED,
                mesh_fn: Callable = partitioning.create_mesh, num_microbatches: int = 1,
-               z_loss: float = 1e-4, dropout: bool = False) -> dict:
+               loss=None, dropout: bool = False) -> dict:
     """Lower and compile the train step on `mesh_fn()` with abstract inputs; returns the report."""
     mesh = mesh_fn()
     partitioning.check_batch_size(batch_size, mesh)
-    shapes = batch_shapes_for(model, task_feature_lengths, batch_size)
+    shapes = model.batch_shapes(task_feature_lengths, batch_size)
     state, shardings = sharded_abstract_state(model, optimizer, shapes, mesh)
     batch = {k: jax.ShapeDtypeStruct(s, np.int32, sharding=partitioning.batch_sharding(mesh, len(s)))
              for k, s in shapes.items()}
-    step = steps.make_train_step(model, optimizer, num_microbatches=num_microbatches, z_loss=z_loss,
+    step = steps.make_train_step(model, optimizer, loss=loss, num_microbatches=num_microbatches,
                                  dropout=dropout, in_shardings=(shardings, None), out_shardings=(shardings, None))
     start = time.perf_counter()
     with partitioning.activation_context(mesh):
@@ -103,8 +80,8 @@ def precompile(model, *, task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
         "peak_bytes": arg + out - alias + temp,
         # XLA counts a loop body once, so with scan_layers this undercounts by about the layer count.
         "flops_per_device": float(cost.get("flops", 0.0)),
-        "model_flops_per_step": flops_lib.train_flops_per_example(
-            model, state.params, {k: s[1] for k, s in shapes.items()}) * batch_size,
+        "model_flops_per_step": model.flops_per_example(state.params, {k: s[1] for k, s in shapes.items()})
+        * batch_size,
         "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
     }
     report["param_plus_opt_bytes_per_device"] = report["params_bytes_per_device"] + report["opt_state_bytes_per_device"]

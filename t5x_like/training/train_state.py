@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from t5x_like import partitioning
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -106,21 +108,37 @@ def opt_state_logical_axes(opt_state_shapes, params_axes, params_shapes=None):
     return jax.tree_util.tree_unflatten(treedef, [spec(p, x) for p, x in leaves])
 
 
+def params_logical_axes(model, batch_shapes: Optional[Mapping] = None):
+    """The model's 'params' tree of logical PartitionSpecs."""
+    return model.logical_axes(_init_batch(batch_shapes))["params"]
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract, shardings)
+
+
+def abstract_params(model, mesh=None, batch_shapes: Optional[Mapping] = None):
+    """ShapeDtypeStructs of the model's 'params' tree (nothing allocated), carrying the
+    NamedShardings its logical axes give on `mesh` when one is given: a restore target."""
+    abstract = model.param_shapes(_init_batch(batch_shapes))
+    if mesh is None:
+        return abstract
+    return _with_shardings(abstract, partitioning.logical_to_sharding(params_logical_axes(model, batch_shapes), mesh))
+
+
 def train_state_logical_axes(model, state_shapes: TrainState, batch_shapes: Optional[Mapping] = None) -> TrainState:
     """A TrainState of logical PartitionSpecs (step and rng replicated)."""
-    params_axes = model.logical_axes(_init_batch(batch_shapes))["params"]
+    params_axes = params_logical_axes(model, batch_shapes)
     return TrainState(step=P(), params=params_axes, rng=P(),
                       opt_state=opt_state_logical_axes(state_shapes.opt_state, params_axes, state_shapes.params))
 
 
 def sharded_abstract_state(model, optimizer, batch_shapes: Mapping, mesh):
     """(state ShapeDtypeStructs carrying their shardings, the shardings): targets for a sharded
-    init, a checkpoint restore onto `mesh`, or an ahead-of-time compile. Nothing is allocated."""
-    from t5x_like import partitioning
-
+    init, a checkpoint restore onto `mesh`, or an ahead-of-time compile. Nothing is allocated.
+    Its params are `abstract_params(model, mesh, batch_shapes)`."""
     abstract = TrainState.abstract(model, optimizer, batch_shapes)
     with partitioning.activation_context(mesh):
         shardings = partitioning.logical_to_sharding(train_state_logical_axes(model, abstract, batch_shapes), mesh)
-    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    abstract, shardings)
-    return target, shardings
+    return _with_shardings(abstract, shardings), shardings

@@ -8,7 +8,6 @@ killed at any point continues bitwise identically. SIGTERM saves and exits clean
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
@@ -20,16 +19,14 @@ import numpy as np
 
 from t5x_like import evaluation, partitioning
 from t5x_like.data import iterators as data_iterators
-from t5x_like.training import flops as flops_lib
+from t5x_like.objectives import Loss, summarize
+from t5x_like.training.matmul_peak import measure_matmul_peak
 from t5x_like.training import steps
 from t5x_like.training.checkpointing import Checkpointer, checkpoints_dir, restore_params
 from t5x_like.training.metrics_writer import MetricsWriter
-from t5x_like.training.train_state import init_fn, sharded_abstract_state
+from t5x_like.training.train_state import abstract_params, init_fn, sharded_abstract_state
 
 log = logging.getLogger(__name__)
-
-SUM_METRICS = ("nll_sum", "z_loss", "tokens", "correct")
-
 
 class TrainingDivergedError(RuntimeError):
     """The loss or gradient became NaN/Inf; the last checkpoint before it is intact."""
@@ -72,20 +69,15 @@ def _batch_shapes(iterator, global_batch: int) -> dict:
 
 
 def _step_scalars(window: list[dict], seconds: float, flops_per_step: float, peak: float) -> dict:
-    """Train metrics of the logged window: means of per-step values, ratios of summed ones."""
-    sums = {k: sum(float(m[k]) for m in window) for k in SUM_METRICS}
-    tokens = max(sums["tokens"], 1.0)
-    nll = sums["nll_sum"] / tokens
-    out = {"loss": float(np.mean([m["loss"] for m in window])), "nll": nll,
-           "perplexity": math.exp(min(nll, 700.0)), "z_loss": sums["z_loss"] / tokens,
-           "accuracy": sums["correct"] / tokens, "grad_norm": float(np.mean([m["grad_norm"] for m in window])),
+    """Train metrics of the logged window: means of per-step values, per-token ratios of the loss's
+    sums over the whole window (objectives/metrics.py)."""
+    sums = {k: sum(float(m[k]) for m in window) for k in window[-1] if k not in steps.PER_STEP_METRICS}
+    out = {"loss": float(np.mean([m["loss"] for m in window])), **summarize(sums),
+           "grad_norm": float(np.mean([m["grad_norm"] for m in window])),
            "step_time_s": seconds / len(window), "tokens_per_s": sums["tokens"] / seconds}
+    del out["tokens"]
     if "learning_rate" in window[-1]:
         out["learning_rate"] = float(window[-1]["learning_rate"])
-    # Per-step scalars the loop has no special rule for (e.g. MoE router metrics): window means.
-    for key in window[-1]:
-        if key not in out and key not in SUM_METRICS and key != "is_finite" and np.ndim(window[-1][key]) == 0:
-            out[key] = float(np.mean([float(m[key]) for m in window]))
     if peak > 0:
         out["mfu"] = flops_per_step * len(window) / seconds / peak
     return out
@@ -95,8 +87,8 @@ def _step_scalars(window: list[dict], seconds: float, flops_per_step: float, pea
 def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
           task_feature_lengths: Mapping[str, int] = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           batch_size: int = gin.REQUIRED, optimizer=gin.REQUIRED, seed: int = 0,
-          mesh_fn: Callable = partitioning.create_mesh, num_microbatches: int = 1, z_loss: float = 1e-4,
-          label_smoothing: float = 0.0, dropout: bool = True, pack: bool = True, log_every: int = 10,
+          mesh_fn: Callable = partitioning.create_mesh, num_microbatches: int = 1, loss: Optional[Loss] = None,
+          dropout: bool = True, pack: bool = True, log_every: int = 10,
           eval_every: int = 100, eval_batches: Optional[int] = 20, checkpoint_every: int = 100,
           keep_last: int = 3, keep_best: int = 1, async_checkpoints: bool = True,
           init_checkpoint: Optional[str] = None, measure_peak: bool = True, progress: bool = True,
@@ -105,7 +97,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
     """Train until `train_steps` (resuming from MODEL_DIR); returns the last eval results.
 
     batch_size is global (all hosts); each host feeds batch_size / process_count rows of its own
-    data shard. `init_checkpoint` (fine-tuning) seeds params from another run's checkpoint
+    data shard. `loss`: the objective (objectives/loss.py; default the model's cross-entropy,
+    `CrossEntropyLoss` with its gin bindings). `init_checkpoint` (fine-tuning) seeds params from another run's checkpoint
     directory when MODEL_DIR has none yet. `unigram_baseline_batches` > 0 also reports the
     perplexity of token frequencies counted on that many train batches, on the same eval batches.
     `host_data`: "shard" (each host reads its own shard of the data) or "slice" (each host reads
@@ -127,7 +120,7 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
     if host_data == "slice":
         iterator = data_iterators.get_iterator(mixture_or_task_name, task_feature_lengths, split="train",
                                                batch_size=batch_size, shuffle=True, seed=seed, pack=pack,
-                                               host_rows=data_iterators.host_rows_of(mesh, batch_size))
+                                               host_rows=partitioning.host_rows_of(mesh, batch_size))
     else:
         iterator = data_iterators.get_iterator(mixture_or_task_name, task_feature_lengths, split="train",
                                                batch_size=batch_size // jax.process_count(), shuffle=True,
@@ -153,7 +146,7 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
     start = int(jax.device_get(state.step))
 
     train_step = steps.make_train_step(
-        model, optimizer, num_microbatches=num_microbatches, z_loss=z_loss, label_smoothing=label_smoothing,
+        model, optimizer, loss=loss, num_microbatches=num_microbatches,
         dropout=dropout, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None))
     # Compile before the loop so step times (and MFU) never include compilation.
     batch_target = {k: jax.ShapeDtypeStruct(shape, iterator.element_spec[k].dtype.as_numpy_dtype,
@@ -164,8 +157,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
     evaluator = evaluation.Evaluator(model, mixture_or_task_name, task_feature_lengths, batch_size, mesh,
                                      param_shardings=state_shardings.params, max_batches=eval_batches, seed=seed)
     lengths = {k: v[1] for k, v in batch_shapes.items()}
-    flops_per_step = flops_lib.train_flops_per_example(model, target.params, lengths) * batch_size
-    peak = flops_lib.measure_matmul_peak() if measure_peak else 0.0
+    flops_per_step = model.flops_per_example(target.params, lengths) * batch_size
+    peak = measure_matmul_peak() if measure_peak else 0.0
     writer = MetricsWriter(model_dir, total_steps=train_steps, initial_step=start, progress=progress)
     if start == 0 and gin_config_text:
         writer.write_text(0, "gin_config", gin_config_text)
@@ -199,7 +192,7 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
                     host_batch = next(iterator)
                 except StopIteration:
                     raise RuntimeError(f"training data of {mixture_or_task_name!r} ran out at step {step_no}")
-                batch = data_iterators.to_global_batch(host_batch, mesh)
+                batch = partitioning.to_global_batch(host_batch, mesh)
                 state, metrics = train_step(state, batch)
                 pending.append((step_no, metrics))
 
@@ -256,10 +249,8 @@ def evaluate(*, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED, mixture_
     evaluation.check_task(mixture_or_task_name)
     mesh = mesh_fn()
     partitioning.check_batch_size(batch_size, mesh)
-    abstract = jax.eval_shape(lambda: model.init_variables(jax.random.key(0)))["params"]
-    shardings = partitioning.logical_to_sharding(model.logical_axes()["params"], mesh)
-    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    abstract, shardings)
+    target = abstract_params(model, mesh)
+    shardings = jax.tree_util.tree_map(lambda a: a.sharding, target)
     params = restore_params(checkpoint_dir, step=step, target=target)
     evaluator = evaluation.Evaluator(model, mixture_or_task_name, task_feature_lengths, batch_size, mesh,
                                      param_shardings=shardings, split=split, max_batches=eval_batches, seed=seed)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from t5x_like import decoding
+from t5x_like.inference import decoding
 from t5x_like.interop import hf
 
 NEW = 10

@@ -12,7 +12,8 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from t5x_like.interop.hf import stack_layers, unstack_layers
-from t5x_like.layers import TransformerStack, make_cross_mask, make_decoder_mask, make_encoder_mask
+from t5x_like.layers import make_cross_mask, make_decoder_mask, make_encoder_mask
+from t5x_like.models.transformer import TransformerStack
 from t5x_like.layers.mlp import ACTIVATION_FNS
 from t5x_like.models import (DecoderOnlyModel, EncoderDecoderModel, EncoderOnlyModel, DecoderOnlyConfig,
                              EncoderDecoderConfig, EncoderOnlyConfig, model_for_config)

@@ -167,6 +167,34 @@ def test_save_params_restore_params(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, restored, params)
 
 
+def test_restore_model_params_builds_the_target_from_the_model(tmp_path):
+    from t5x_like import partitioning
+    from t5x_like.models import DecoderOnlyConfig, DecoderOnlyModel
+    from t5x_like.training.train_state import abstract_params, sharded_abstract_state
+
+    model = DecoderOnlyModel(DecoderOnlyConfig(vocab_size=64, d_model=32, num_heads=4, head_dim=8, mlp_dim=64,
+                                               num_layers=2, scan_layers=True))
+    params = model.init_variables(jax.random.key(1))["params"]
+    checkpointing.save_params(tmp_path, 3, params)
+
+    plain = checkpointing.restore_model_params(tmp_path, model)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, plain, params)
+
+    mesh = partitioning.create_mesh(data=1, fsdp=-1)
+    target = abstract_params(model, mesh)
+    want = partitioning.logical_to_sharding(model.logical_axes()["params"], mesh)
+    assert jax.tree_util.tree_map(lambda a: a.sharding, target) == want
+    # The same params target as the train state's (for any batch shapes).
+    batch_shapes = {"decoder_input_tokens": (4, 16)}
+    state_target, _ = sharded_abstract_state(model, optax.adam(1e-3), batch_shapes, mesh)
+    assert abstract_params(model, mesh, batch_shapes) == state_target.params
+    sharded = checkpointing.restore_model_params(tmp_path, model, step=3, mesh=mesh)
+    assert jax.tree_util.tree_map(lambda a: a.sharding, sharded) == want
+    jax.tree_util.tree_map(np.testing.assert_array_equal, sharded, params)
+    with pytest.raises(CheckpointError, match="no checkpoint step 4"):
+        checkpointing.restore_model_params(tmp_path, model, step=4)
+
+
 MESH_SCRIPT = textwrap.dedent("""
     import os, sys
     import jax, numpy as np

@@ -11,7 +11,7 @@ import pytest
 from t5x_like import partitioning
 from t5x_like.models import DecoderOnlyConfig, DecoderOnlyModel
 from t5x_like.training import steps
-from t5x_like.training.losses import cross_entropy_sums
+from t5x_like.objectives import cross_entropy_sums
 from t5x_like.training.train_state import TrainState, train_state_logical_axes
 from t5x_like.training.trainer import _step_scalars
 
@@ -38,11 +38,12 @@ def test_router_losses_enter_the_loss_but_not_the_nll():
     np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["nll_sum"]), float(sums["nll_sum"]), rtol=1e-5)
     for k in ("moe_aux_loss", "moe_z_loss", "moe_dropped_fraction", "moe_expert_usage_max"):
-        np.testing.assert_allclose(float(metrics[k]), float(aux[k]), rtol=1e-5)
-    # The trainer logs keys it has no rule for as window means.
+        # Sums like every other loss term: the per-batch value weighted by the batch's tokens.
+        np.testing.assert_allclose(float(metrics[k] / metrics["tokens"]), float(aux[k]), rtol=1e-5)
+    # The trainer logs every sum as a per-token mean over its window.
     window = [jax.device_get(metrics)] * 2
     scalars = _step_scalars(window, seconds=1.0, flops_per_step=0.0, peak=0.0)
-    assert scalars["moe_dropped_fraction"] == pytest.approx(float(metrics["moe_dropped_fraction"]))
+    assert scalars["moe_dropped_fraction"] == pytest.approx(float(aux["moe_dropped_fraction"]), rel=1e-5)
     assert "is_finite" not in scalars
 
 

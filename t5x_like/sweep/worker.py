@@ -5,7 +5,7 @@ budget; every trial is a full `trainer.train` run in its own MODEL_DIR.
 runs one worker. Any number of workers, on one host or many, share a study through its storage:
 SQLite in the sweep directory by default (one host), or any SQLAlchemy URL such as
 `postgresql://user:pass@db-host/sweeps` (run the same command with the same `--storage` on every
-host). The spec (sweep_spec.py) is documented in configs/README.md; the report is sweep_report.py.
+host). The spec (spec.py) is documented in configs/README.md; the report is report.py.
 
 Robustness, because sweeps run for days on preemptible machines:
 - A trial that raises is FAIL with its one-line error as the `error` user attr; the sweep goes on.
@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import socket
 import sys
 import threading
@@ -33,9 +32,8 @@ import time
 import traceback
 from typing import Optional
 
-from t5x_like.sweep_spec import Spec, SweepSpecError, check_gin, gin_literal, load_spec  # noqa: F401
-
-SKIPPED, CRASHED = "skipped", "crashed"   # user attrs: never ran / raised (not retried)
+from t5x_like.sweep.report import CRASHED, SKIPPED, intended_params, write_report
+from t5x_like.sweep.spec import Spec, SweepSpecError, check_gin, gin_literal, load_spec, safe_url
 
 # -- the study --------------------------------------------------------------------------------------
 
@@ -100,22 +98,27 @@ def _with_driver(url: str) -> str:
     return url
 
 
-def safe_url(url: str) -> str:
-    """The storage URL without its password, for logs and reports."""
-    try:
-        from sqlalchemy.engine import make_url
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
-
-
 def _sampler(spec: Spec):
     import optuna
     if spec.is_grid:
-        return optuna.samplers.GridSampler({s.name: list(s.values) for s in spec.spaces}, seed=spec.seed)
+        return _grid_sampler(spec)
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=spec.seed)
     return optuna.samplers.TPESampler(seed=spec.seed)
+
+
+def _grid_sampler(spec: Spec):
+    """Optuna's GridSampler without its `after_trial`, which stops the study once the grid looks
+    exhausted: legal only inside Study.optimize, and on the way it reads the `grid_id` system attr
+    that enqueued trials lack (telling the trial of a one-point grid raised KeyError: 'grid_id').
+    The worker keeps its own budget (`_has_work`), so there is nothing to stop."""
+    import optuna
+
+    class GridSampler(optuna.samplers.GridSampler):
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return GridSampler({s.name: list(s.values) for s in spec.spaces}, seed=spec.seed)
 
 
 def _pruner(spec: Spec):
@@ -175,11 +178,6 @@ def _worker_alive(pid: int, started: Optional[str]) -> bool:
     if os.path.isdir("/proc") and now is None:
         return False
     return started is None or now is None or now == started
-
-
-def intended_params(trial) -> dict:
-    """Parameters a trial has or, if it has not suggested them yet, was enqueued with."""
-    return dict(trial.params) or dict(trial.system_attrs.get("fixed_params") or {})
 
 
 def counts_toward_budget(trial) -> bool:
@@ -419,8 +417,6 @@ def run(spec_path: str, storage: Optional[str] = None, sweep_dir: Optional[str] 
         import yaml  # noqa: F401
     except ImportError as e:
         raise SweepSpecError(f"sweeps need the `sweep` extra ({e.name} is missing): pip install -e '.[sweep]'") from None
-    from t5x_like import sweep_report
-
     spec = load_spec(spec_path, storage=storage, sweep_dir=sweep_dir, extra_bindings=bindings)
     if report_only:
         missing = spec.storage.startswith("sqlite:///") and not os.path.isfile(spec.storage[len("sqlite:///"):])
@@ -437,4 +433,4 @@ def run(spec_path: str, storage: Optional[str] = None, sweep_dir: Optional[str] 
         say(f"storage {safe_url(spec.storage)}, directory {spec.sweep_dir}")
         run_worker(spec, say=say)
     study = open_study(spec)
-    return sweep_report.write_report(study, spec)
+    return write_report(study, spec)

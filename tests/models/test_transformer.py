@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5x_like.layers import (MultiHeadAttention, Mlp, Norm, RelativePositionBias, TransformerLayer,
-                             TransformerStack)
+from t5x_like.layers import MultiHeadAttention, Mlp, Norm, RelativePositionBias
+from t5x_like.models.transformer import TransformerLayer, TransformerStack
 from t5x_like.interop.hf import stack_layers
 from t5x_like.models import DecoderOnlyConfig
 

@@ -1,4 +1,4 @@
-"""Token-level cross-entropy with T5X-style label smoothing and z-loss, as sums.
+"""Token-level cross-entropy with T5X-style label smoothing and z-loss, as sums (the default objective).
 
 Everything is returned as sums over weighted tokens so that microbatches, hosts and eval batches
 can be added up before dividing once; the training loss is normalised afterwards by
@@ -14,39 +14,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_like.models.base import EncoderOnlyModel
-
-# Keys of the dicts `cross_entropy_sums` returns; all are sums over weighted target tokens.
-SUM_KEYS = ("loss", "nll_sum", "z_loss", "tokens", "correct")
+from t5x_like.objectives.metrics import SUM_KEYS
 
 LossNormalizingFactor = Union[str, float, None]
 NUM_REAL_TARGET_TOKENS = "num_real_target_tokens"
 
 
-def target_features(model) -> tuple[str, str]:
-    """(targets, weights) feature names: MLM encoders predict encoder targets, the rest decoder ones."""
-    prefix = "encoder" if isinstance(model, EncoderOnlyModel) else "decoder"
-    return f"{prefix}_target_tokens", f"{prefix}_loss_weights"
-
-
-def targets_and_weights(model, batch: Mapping):
-    """Integer targets and float loss weights; weights default to non-padding (targets > 0)."""
-    tkey, wkey = target_features(model)
-    if tkey not in batch:
-        raise KeyError(f"{type(model).__name__} needs {tkey!r} in the batch to compute a loss; "
-                       f"got features {sorted(batch)}")
-    targets = jnp.asarray(batch[tkey])
-    weights = batch.get(wkey)
-    weights = (targets > 0) if weights is None else jnp.asarray(weights)
-    return targets, weights.astype(jnp.float32)
+def smoothing_constants(vocab: int, label_smoothing: float) -> tuple[float, float, float]:
+    """(confidence, low, entropy) of the smoothed target: 1 - ls on the target, ls / (V - 1) on
+    every other id; its entropy is subtracted so that a perfect prediction still scores 0."""
+    confidence, low = 1.0 - label_smoothing, label_smoothing / (vocab - 1)
+    entropy = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
+    return confidence, low, entropy
 
 
 def token_losses(logits, targets, *, label_smoothing: float = 0.0, z_loss: float = 0.0):
     """Per-token (training loss, nll, z-loss term).
 
-    With smoothing the soft target puts 1 - ls on the target and ls / (V - 1) on every other id;
-    the soft target's entropy is subtracted so that a perfect prediction still scores 0. The soft
-    cross-entropy is written via sum(log_probs) so no [.., V] one-hot is materialised.
+    Smoothing as in `smoothing_constants`; the soft cross-entropy is written via sum(log_probs)
+    so no [.., V] one-hot is materialised.
     """
     logits = jnp.asarray(logits, jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
@@ -54,9 +40,7 @@ def token_losses(logits, targets, *, label_smoothing: float = 0.0, z_loss: float
     nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     ce = nll
     if label_smoothing:
-        vocab = logits.shape[-1]
-        confidence, low = 1.0 - label_smoothing, label_smoothing / (vocab - 1)
-        entropy = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
+        confidence, low, entropy = smoothing_constants(logits.shape[-1], label_smoothing)
         ce = (confidence - low) * nll - low * jnp.sum(log_probs, axis=-1) - entropy
     z = z_loss * jnp.square(log_z)
     return ce + z, nll, z
@@ -93,9 +77,3 @@ def loss_normalizer(sums: Mapping, loss_normalizing_factor: LossNormalizingFacto
         raise ValueError(f"loss_normalizing_factor={loss_normalizing_factor} must be positive")
     return jnp.float32(loss_normalizing_factor)
 
-
-def compute_loss(logits, targets, weights=None, *, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 loss_normalizing_factor: LossNormalizingFactor = NUM_REAL_TARGET_TOKENS):
-    """(normalised training loss, sums) for one batch."""
-    sums = cross_entropy_sums(logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss)
-    return sums["loss"] / loss_normalizer(sums, loss_normalizing_factor), sums

@@ -9,7 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from t5x_like import decoding, evaluation, main  # noqa: E402
+from t5x_like import evaluation, main  # noqa: E402
+from t5x_like.inference import decoding  # noqa: E402
 from t5x_like.interop import hf  # noqa: E402
 
 

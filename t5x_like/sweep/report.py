@@ -4,6 +4,10 @@ objective against each parameter and every trial's training and validation curve
 Files written to the sweep directory: results.csv, results.md, objective.png, curves.png.
 Curves come from each trial's metrics.jsonl (training/plotting.read_metrics), so trials that ran on
 another host show up only when the sweep directory is shared.
+
+The user attrs the worker records on its trials (SKIPPED, CRASHED) and `intended_params` live
+here because the report reads them too: report.py needs only spec.py, and worker.py builds on both
+without an import cycle.
 """
 
 from __future__ import annotations
@@ -12,9 +16,16 @@ import csv
 import math
 import os
 
+from t5x_like.sweep.spec import safe_url
 from t5x_like.training.plotting import read_metrics
 
 STATE_ORDER = ("COMPLETE", "PRUNED", "RUNNING", "WAITING", "FAIL")
+SKIPPED, CRASHED = "skipped", "crashed"   # user attrs: never ran / raised (not retried)
+
+
+def intended_params(trial) -> dict:
+    """Parameters a trial has or, if it has not suggested them yet, was enqueued with."""
+    return dict(trial.params) or dict(trial.system_attrs.get("fixed_params") or {})
 
 
 def _objective(trial):
@@ -35,8 +46,6 @@ def _curves(model_dir):
 
 def rows(study, spec) -> list[dict]:
     """Trials that ran or will run (skipped duplicates left out), best first."""
-    from t5x_like.sweep import SKIPPED, intended_params
-
     sign = 1.0 if spec.direction == "minimize" else -1.0
     out = []
     for t in study.get_trials(deepcopy=False):
@@ -79,7 +88,6 @@ def write_report(study, spec) -> str:
     plot_objective(table, spec, os.path.join(spec.sweep_dir, "objective.png"))
     plot_curves(table, spec, os.path.join(spec.sweep_dir, "curves.png"))
 
-    from t5x_like.sweep import safe_url
     counts = {}
     for r in table:
         counts[r["state"]] = counts.get(r["state"], 0) + 1

@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5x_like.models import base
+from t5x_like import models as base
 from t5x_like.models.config import DecoderOnlyConfig, EncoderDecoderConfig, EncoderOnlyConfig
-from t5x_like.training import fused_loss, losses, steps
+from t5x_like.objectives import CrossEntropyLoss, OutputHead, SUM_KEYS
+from t5x_like.objectives import cross_entropy as losses
+from t5x_like.objectives import fused_cross_entropy as fused_loss
 
 SMALL = dict(vocab_size=97, d_model=32, num_heads=4, head_dim=8, mlp_dim=64)
 MODELS = {
@@ -44,12 +46,12 @@ def test_fused_equals_materialised_logits(name, z_loss, label_smoothing):
     params = model.init_variables(jax.random.key(0), batch)["params"]
     results = {}
     for fused in (False, True):
-        loss_fn = functools.partial(steps._loss_sums, model, z_loss=z_loss, label_smoothing=label_smoothing,
-                                    dropout=False, fused_loss=fused)
-        (_, sums), grads = jax.value_and_grad(lambda p: loss_fn(p, batch, None), has_aux=True)(params)
+        loss_fn = CrossEntropyLoss(z_loss=z_loss, label_smoothing=label_smoothing, fused=fused)
+        grads = jax.grad(lambda p: loss_fn(model, p, batch)["loss"])(params)
+        sums = loss_fn(model, params, batch)
         results[fused] = (sums, grads)
     (plain, plain_grads), (fused, fused_grads) = results[False], results[True]
-    for key in losses.SUM_KEYS:
+    for key in SUM_KEYS:
         np.testing.assert_allclose(fused[key], plain[key], rtol=1e-5, atol=1e-5, err_msg=key)
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(plain_grads))
     for (path, g_plain), g_fused in zip(jax.tree_util.tree_leaves_with_path(plain_grads),
@@ -60,14 +62,14 @@ def test_fused_equals_materialised_logits(name, z_loss, label_smoothing):
 def test_chunks_add_up_and_only_loss_is_differentiable():
     rng = np.random.default_rng(1)
     hidden = jnp.asarray(rng.standard_normal((2, 8, 16)), jnp.float32)
-    head = base.OutputHead(jnp.asarray(rng.standard_normal((16, 50)), jnp.float32))
+    head = OutputHead(jnp.asarray(rng.standard_normal((16, 50)), jnp.float32))
     targets = rng.integers(0, 50, (2, 8))
     weights = np.ones((2, 8), np.float32)
     logits = jnp.einsum("bld,dv->blv", hidden, head.weight)
     expected = losses.cross_entropy_sums(logits, targets, weights, z_loss=1e-4)
     for chunk in (1, 2, 8):
         got = fused_loss.fused_cross_entropy_sums(hidden, head, targets, weights, z_loss=1e-4, chunk=chunk)
-        for key in losses.SUM_KEYS:
+        for key in SUM_KEYS:
             np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, err_msg=f"{key} chunk={chunk}")
     grad = jax.grad(lambda h: fused_loss.fused_cross_entropy_sums(h, head, targets, weights)["nll_sum"])(hidden)
     assert not np.any(np.asarray(grad))  # statistics are gradient-stopped
@@ -119,7 +121,7 @@ def test_compact_paths_equal_the_full_length(counts, branch):
         return sums["loss"], sums
 
     def fused(h, w, b, fractions):
-        sums = fused_loss.fused_cross_entropy_sums(h, base.OutputHead(w, b), targets, weights, z_loss=1e-3,
+        sums = fused_loss.fused_cross_entropy_sums(h, OutputHead(w, b), targets, weights, z_loss=1e-3,
                                                    label_smoothing=0.1, compact_fractions=fractions)
         return sums["loss"], sums
 
@@ -127,7 +129,7 @@ def test_compact_paths_equal_the_full_length(counts, branch):
     expected_grads, expected = grad(plain)
     for fractions in (fused_loss.COMPACT_FRACTIONS, ()):
         grads, got = grad(functools.partial(fused, fractions=fractions))
-        for key in losses.SUM_KEYS:
+        for key in SUM_KEYS:
             np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-5, err_msg=key)
         for name, g, e in zip(("hidden", "weight", "bias"), grads, expected_grads):
             np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5, err_msg=f"{name} {fractions}")

@@ -15,19 +15,31 @@ smallest capacity that holds every row at run time, and the full length otherwis
 never depends on the choice. Original BERT trained the same way (`max_predictions_per_seq`).
 
 Only the returned `loss` sum is differentiable; `nll_sum`, `z_loss`, `tokens` and `correct` are
-statistics (gradient-stopped). The result equals `losses.cross_entropy_sums` on the full logits.
+statistics (gradient-stopped). The result equals `cross_entropy.cross_entropy_sums` on the full logits.
+A model describes its projection as an `OutputHead` (models own which parameters those are).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_like.models.base import OutputHead
+from t5x_like.objectives.cross_entropy import smoothing_constants
+from t5x_like.objectives.metrics import SUM_KEYS
+
+
+class OutputHead(NamedTuple):
+    """logits = (hidden * scale) . weight (+ bias): the projection a fused loss applies itself.
+    weight is [vocab, embed] when `vocab_major` (a tied embedding table), else [embed, vocab]."""
+
+    weight: jax.Array
+    bias: Optional[jax.Array] = None
+    vocab_major: bool = False
+    scale: Optional[float] = None
 
 
 # Masked-LM rows carry about 15% weighted positions, prefix-LM and padded rows about half.
@@ -88,8 +100,7 @@ def _chunk_loss_and_grads(x, weight, bias, targets, weights, static):
     nll = lse - target_logit
     ce, dce = nll, probs - onehot
     if label_smoothing:
-        confidence, low = 1.0 - label_smoothing, label_smoothing / (vocab - 1)
-        entropy = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low + 1e-20))
+        confidence, low, entropy = smoothing_constants(vocab, label_smoothing)
         sum_log_probs = jnp.sum(logits, axis=-1) - vocab * lse
         ce = (confidence - low) * nll - low * sum_log_probs - entropy
         dce = (confidence - low) * dce - low * (1.0 - vocab * probs)
@@ -121,7 +132,7 @@ def _scan_chunks(x, weight, bias, targets, weights, static, chunk):
         sums = {k: sums[k] + s[k] for k in sums}
         return (sums, dw + dw_c, None if db is None else db + db_c), dx_c
 
-    zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "nll_sum", "z_loss", "tokens", "correct")}
+    zeros = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
     init = (zeros, jnp.zeros(weight.shape, jnp.float32),
             None if bias is None else jnp.zeros(bias.shape, jnp.float32))
     (sums, dw, db), dx = jax.lax.scan(body, init, (split(x), split(targets), split(weights)))
@@ -169,7 +180,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def fused_cross_entropy_sums(hidden, head: OutputHead, targets, weights, *, z_loss: float = 0.0,
                              label_smoothing: float = 0.0, chunk: Optional[int] = None,
                              compact_fractions: tuple[float, ...] = COMPACT_FRACTIONS) -> dict:
-    """`losses.cross_entropy_sums(project(hidden), ...)` without materialising the logits.
+    """`cross_entropy.cross_entropy_sums(project(hidden), ...)` without materialising the logits.
 
     hidden [batch, length, embed] (the network's output before the projection); `chunk` positions
     per scan step on the full path (default: `chunk_length`, a divisor of length);

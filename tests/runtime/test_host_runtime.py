@@ -1,4 +1,4 @@
-"""The command line re-executes itself with glibc's huge-page malloc tunable (host_runtime.py)."""
+"""The command line re-executes itself with glibc's huge-page malloc tunable (runtime/host_runtime.py)."""
 
 import os
 import platform
@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from t5x_like import host_runtime
+from t5x_like.runtime import host_runtime
 
-PROBE = ("from t5x_like.host_runtime import reexec_with_tuned_allocator; reexec_with_tuned_allocator(); "
+PROBE = ("from t5x_like.runtime.host_runtime import reexec_with_tuned_allocator; reexec_with_tuned_allocator(); "
          "import os; print(os.environ.get('GLIBC_TUNABLES'))")
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the tunables are glibc's")
 

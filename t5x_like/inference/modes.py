@@ -13,7 +13,6 @@ A plain-text line is one prompt (infer) or "input<TAB>target" (score).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Iterator, Optional
 
@@ -21,8 +20,8 @@ import gin
 import jax
 import numpy as np
 
-from t5x_like import decoding, evaluation
-from t5x_like.models.base import EncoderDecoderModel
+from t5x_like import evaluation
+from t5x_like.inference import decoding
 
 EOS = 1
 
@@ -33,11 +32,7 @@ class InferenceError(ValueError):
 
 def load_vocabulary(vocabulary: str):
     from t5x_like.data import vocabularies as vocab_lib
-    if vocabulary.endswith(".model"):
-        if not os.path.isfile(vocabulary):
-            raise FileNotFoundError(f"SentencePiece model {vocabulary!r} does not exist")
-        return vocab_lib.vocabulary_from_file(vocabulary)
-    return vocab_lib.get_vocabulary(vocabulary)
+    return vocab_lib.get_vocabulary(vocab_lib.vocabulary_name(vocabulary))
 
 
 def read_records(path: str, need_target: bool) -> Iterator[dict]:
@@ -75,16 +70,12 @@ def read_records(path: str, need_target: bool) -> Iterator[dict]:
 
 
 def _restore(model, checkpoint_dir: str, step: Optional[int]):
-    from t5x_like.training.checkpointing import restore_params
-    target = jax.eval_shape(lambda: model.init_variables(jax.random.key(0)))["params"]
-    return {"params": restore_params(checkpoint_dir, step=step, target=target)}
+    from t5x_like.training.checkpointing import restore_model_params
+    return {"params": restore_model_params(checkpoint_dir, model, step=step)}
 
 
 def _input_ids(model, vocab, text: str, bos_id: Optional[int]) -> list[int]:
-    ids = list(vocab.encode(text))
-    if isinstance(model, EncoderDecoderModel):
-        return ids + [EOS]
-    return ([bos_id] if bos_id is not None else []) + ids
+    return model.prompt_ids(list(vocab.encode(text)), bos_id)
 
 
 def _writer(path: Optional[str]):

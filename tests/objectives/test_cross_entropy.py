@@ -5,9 +5,7 @@ import numpy as np
 import pytest
 
 from t5x_like.models import DecoderOnlyConfig, EncoderDecoderConfig, EncoderOnlyConfig, model_for_config
-from t5x_like.training.losses import (compute_loss, cross_entropy_sums, loss_normalizer, target_features,
-                                      targets_and_weights)
-from t5x_like.training.steps import eval_step
+from t5x_like.objectives import cross_entropy_sums, loss_normalizer
 
 TINY = dict(vocab_size=64, d_model=32, num_heads=4, head_dim=8, mlp_dim=64)
 
@@ -39,7 +37,7 @@ def test_sums_match_float64_reference(ls, z):
     ref = _reference(logits, targets, weights, ls, z)
     for k in ref:
         np.testing.assert_allclose(float(got[k]), ref[k], rtol=1e-5, atol=1e-5, err_msg=k)
-    loss, _ = compute_loss(logits, targets, weights, label_smoothing=ls, z_loss=z)
+    loss = got["loss"] / loss_normalizer(got)
     np.testing.assert_allclose(float(loss), ref["loss"] / ref["tokens"], rtol=1e-5)
 
 
@@ -80,18 +78,18 @@ def test_targets_and_weights_per_family():
     encdec = model_for_config(EncoderDecoderConfig(num_encoder_layers=1, num_decoder_layers=1, **TINY))
     enc = model_for_config(EncoderOnlyConfig(num_layers=1, **TINY))
     for model in (dec, encdec):
-        assert target_features(model) == ("decoder_target_tokens", "decoder_loss_weights")
-        targets, weights = targets_and_weights(model, {"decoder_target_tokens": t, "decoder_loss_weights": w})
+        assert (model.targets_feature, model.weights_feature) == ("decoder_target_tokens", "decoder_loss_weights")
+        targets, weights = model.targets_and_weights({"decoder_target_tokens": t, "decoder_loss_weights": w})
         np.testing.assert_array_equal(targets, t)
         np.testing.assert_array_equal(weights, w)
-        _, weights = targets_and_weights(model, {"decoder_target_tokens": t})
+        _, weights = model.targets_and_weights({"decoder_target_tokens": t})
         np.testing.assert_array_equal(weights, [[1, 1, 0]])
-    targets, weights = targets_and_weights(enc, {"encoder_target_tokens": t, "encoder_loss_weights": w,
+    targets, weights = enc.targets_and_weights({"encoder_target_tokens": t, "encoder_loss_weights": w,
                                                  "decoder_target_tokens": t * 0})
     np.testing.assert_array_equal(targets, t)
     np.testing.assert_array_equal(weights, w)
     with pytest.raises(KeyError, match="encoder_target_tokens"):
-        targets_and_weights(enc, {"decoder_target_tokens": t})
+        enc.targets_and_weights({"decoder_target_tokens": t})
 
 
 def test_uniform_logits_give_perplexity_equal_to_vocab():
@@ -102,6 +100,6 @@ def test_uniform_logits_give_perplexity_equal_to_vocab():
     tokens[:, 12:] = 0
     batch = {"decoder_input_tokens": np.pad(tokens[:, :-1], ((0, 0), (1, 0))), "decoder_target_tokens": tokens,
              "decoder_loss_weights": (tokens > 0).astype(np.float32)}
-    sums = jax.jit(eval_step, static_argnums=0)(model, params, batch)
+    sums = jax.jit(model.eval_sums)(params, batch)
     assert float(sums["tokens"]) == 8 * 12
     assert np.exp(float(sums["nll_sum"]) / float(sums["tokens"])) == pytest.approx(64, rel=1e-5)

@@ -16,11 +16,12 @@ import jax
 import numpy as np
 import pytest
 
-from t5x_like import distributed, partitioning
+from t5x_like import partitioning
+from t5x_like.runtime import distributed
 from t5x_like.models import DecoderOnlyConfig, DecoderOnlyModel
 from t5x_like.training import checkpointing, optimizers, trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(vocab_size=384, d_model=64, num_heads=4, head_dim=16, mlp_dim=128, num_layers=2,
             position_embedding="rotary", mlp_activations=("silu", "linear"), dropout_rate=0.0)
 
@@ -93,7 +94,7 @@ def test_host_rows_slices_of_the_global_stream_concatenate_to_it():
             np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), full[k])
     assert halves[1].state()["config"]["host_rows"] == [4, 8]
     mesh = partitioning.create_mesh(data=2, tensor=4)
-    assert iterators.host_rows_of(mesh, 16) == (0, 16)  # one process holds every row
+    assert partitioning.host_rows_of(mesh, 16) == (0, 16)  # one process holds every row
 
 
 # --- two processes on 127.0.0.1 -------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""Sweeps on Optuna: spec checks, grid bookkeeping (no point twice, dead workers retried), a grid
-sweep end to end with a crashing and a pruned trial, SIGKILL-and-restart, and two workers sharing
-one study on PostgreSQL."""
+"""The sweep worker: grid bookkeeping (no point twice, dead workers retried, a one-point grid), a
+grid sweep end to end with a crashing and a pruned trial, SIGKILL-and-restart, and two workers
+sharing one study on PostgreSQL."""
 
 import contextlib
 import csv
@@ -17,83 +17,30 @@ import time
 import uuid
 
 import pytest
-import yaml
 
 optuna = pytest.importorskip("optuna", reason="the sweep extra is not installed: pip install -e '.[sweep]'")
 from optuna.trial import TrialState  # noqa: E402
 
 from t5x_like import main as cli  # noqa: E402
-from t5x_like import sweep, sweep_report  # noqa: E402
+from t5x_like.sweep import worker  # noqa: E402
+from t5x_like.sweep.report import SKIPPED, intended_params  # noqa: E402
+from t5x_like.sweep.spec import load_spec  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_RUN_GIN = os.path.join(REPO, "tests", "tiny_lm_run.gin")
-
-
-def write_spec(tmp_path, parameters, name="spec.yaml", **overrides):
-    spec = {"study": "t", "gin_files": [TINY_RUN_GIN, "optimizers/adamw.gin"],
-            "bindings": {"TRAIN_STEPS": 10, "train.eval_every": 5, "train.eval_batches": 1,
-                         "train.checkpoint_every": 5, "train.async_checkpoints": False},
-            "parameters": parameters, "pruner": {"kind": "none"}, "sweep_dir": str(tmp_path / "sweep"),
-            "heartbeat": {"interval_s": 2, "grace_s": 30}}
-    spec.update(overrides)
-    spec["bindings"] = {"adamw.warmup_steps": 2, **spec["bindings"]}
-    for varied in parameters:
-        spec["bindings"].pop(varied, None)
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return str(path)
+from tiny_sweeps import LR, REPO, write_spec  # noqa: E402
 
 
 def load(spec_path, storage=None):
-    spec = sweep.load_spec(spec_path, storage=storage)
-    return spec, optuna.load_study(study_name=spec.study, storage=sweep.open_storage(spec))
+    spec = load_spec(spec_path, storage=storage)
+    return spec, optuna.load_study(study_name=spec.study, storage=worker.open_storage(spec))
 
 
 def states_by_params(study):
     """{params: [states]} of the trials that ran (skipped duplicates left out)."""
     out = {}
     for t in study.get_trials():
-        if not t.user_attrs.get(sweep.SKIPPED):
-            out.setdefault(tuple(sorted(sweep.intended_params(t).items())), []).append(t.state)
+        if not t.user_attrs.get(SKIPPED):
+            out.setdefault(tuple(sorted(intended_params(t).items())), []).append(t.state)
     return out
-
-
-# -- spec checks: one line, exit 2, nothing created -------------------------------------------------
-
-LR = {"adamw.peak_learning_rate": {"grid": [1e-3, 1e-2]}}
-BAD_SPECS = {
-    "unknown parameter": ({"adamw.peak_learning_rat": {"grid": [1e-3]}}, {}, "peak_learning_rat"),
-    "unknown configurable": ({"Adamw.peak_learning_rate": {"grid": [1e-3]}}, {}, "Adamw"),
-    "unknown macro": ({"TRAIN_STEPZ": {"grid": [1, 2]}}, {}, "unknown gin macro 'TRAIN_STEPZ'"),
-    "unknown fixed binding": (LR, {"bindings": {"train.no_such_arg": 1}}, "no_such_arg"),
-    "empty parameters": ({}, {}, "parameters: give at least one"),
-    "empty grid": ({"adamw.peak_learning_rate": {"grid": []}}, {}, "non-empty list"),
-    "low > high": ({"adamw.peak_learning_rate": {"log_uniform": [1e-2, 1e-4]}}, {}, "low < high"),
-    "string bound": ({"adamw.peak_learning_rate": {"uniform": ["a", 1.0]}}, {}, "bounds must be numbers"),
-    "unknown space": ({"adamw.peak_learning_rate": {"normal": [0, 1]}}, {}, "unknown space kind 'normal'"),
-    "unknown top-level key": (LR, {"trials": 3}, "unknown key 'trials'"),
-    "unknown pruner": (LR, {"pruner": {"kind": "hyperband"}}, "pruner.kind"),
-    "grid mixed with uniform": ({**LR, "adamw.warmup_steps": {"int_uniform": [0, 9]}}, {}, "cannot be mixed"),
-    "no budget": ({"adamw.peak_learning_rate": {"uniform": [1e-4, 1e-2]}}, {}, "needs n_trials"),
-    "MODEL_DIR": (LR, {"bindings": {"MODEL_DIR": "x"}}, "MODEL_DIR is set per trial"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_SPECS))
-def test_bad_spec_is_one_clear_error_before_any_trial(case, tmp_path, capsys):
-    parameters, overrides, expected = BAD_SPECS[case]
-    path = write_spec(tmp_path, parameters, **overrides)
-    assert cli.main(["sweep", f"--spec={path}"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
-    assert not os.path.exists(tmp_path / "sweep")
-
-
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml"))), ids=os.path.basename)
-def test_shipped_specs_are_valid(path):
-    spec = sweep.load_spec(path)
-    sweep.check_gin(spec)
-    assert spec.is_grid and len(spec.grid_points()) in (4, 9)
 
 
 def test_report_only_without_a_study_is_a_clear_error(tmp_path, capsys):
@@ -102,62 +49,52 @@ def test_report_only_without_a_study_is_a_clear_error(tmp_path, capsys):
     assert "no study 't'" in capsys.readouterr().err and not os.path.exists(tmp_path / "sweep")
 
 
-def test_yaml_exponents_without_dot_are_numbers(tmp_path):
-    spec = sweep.load_spec(write_spec(tmp_path, {"adamw.peak_learning_rate": {"log_uniform": ["1e-4", "1e-2"]}},
-                                      budget={"n_trials": 2}))
-    (space,) = spec.spaces
-    assert (space.low, space.high) == (1e-4, 1e-2)
-    # the YAML text itself, not yaml.safe_dump's quoting, is what users write:
-    (tmp_path / "raw.yaml").write_text((tmp_path / "spec.yaml").read_text().replace("'1e-4'", "1e-4"))
-    assert sweep.load_spec(str(tmp_path / "raw.yaml")).spaces[0].low == 1e-4
-
-
 # -- bookkeeping without training -------------------------------------------------------------------
 
 def test_racing_workers_never_claim_a_grid_point_twice(tmp_path):
-    spec = sweep.load_spec(write_spec(tmp_path, {"adamw.peak_learning_rate": {"grid": [1e-3, 1e-2]},
+    spec = load_spec(write_spec(tmp_path, {"adamw.peak_learning_rate": {"grid": [1e-3, 1e-2]},
                                                  "adamw.warmup_steps": {"grid": [0, 5]}}))
-    study = sweep.open_study(spec)
-    sweep.enqueue_grid(study, spec)
+    study = worker.open_study(spec)
+    worker.enqueue_grid(study, spec)
     for point in spec.grid_points()[:2]:   # a second worker enqueued at the same moment
         study.enqueue_trial(point)
     claimed = []
-    while (trial := sweep.claim_next_trial(study, spec)) is not None:
+    while (trial := worker.claim_next_trial(study, spec)) is not None:
         claimed.append(tuple(sorted(trial.params.items())))
         study.tell(trial, 1.0)
     assert sorted(claimed) == sorted(tuple(sorted(p.items())) for p in spec.grid_points())
-    skipped = [t for t in study.get_trials() if t.user_attrs.get(sweep.SKIPPED)]
-    assert len(skipped) == 2 and all("duplicate of trial" in t.user_attrs[sweep.SKIPPED] for t in skipped)
-    sweep.enqueue_grid(study, spec)   # a restarted worker enqueues nothing new
-    assert sweep.claim_next_trial(study, spec) is None
+    skipped = [t for t in study.get_trials() if t.user_attrs.get(SKIPPED)]
+    assert len(skipped) == 2 and all("duplicate of trial" in t.user_attrs[SKIPPED] for t in skipped)
+    worker.enqueue_grid(study, spec)   # a restarted worker enqueues nothing new
+    assert worker.claim_next_trial(study, spec) is None
 
 
 def test_running_trial_of_dead_worker_is_failed_and_retried_in_its_directory(tmp_path):
-    spec = sweep.load_spec(write_spec(tmp_path, LR))
-    study = sweep.open_study(spec)
-    sweep.enqueue_grid(study, spec)
-    trial = sweep.claim_next_trial(study, spec)
+    spec = load_spec(write_spec(tmp_path, LR))
+    study = worker.open_study(spec)
+    worker.enqueue_grid(study, spec)
+    trial = worker.claim_next_trial(study, spec)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     trial.set_user_attr("worker_pid", dead.pid)   # as if that process had claimed it, then died
-    assert sweep.recover_dead_trials(study, spec) == [trial.number]
+    assert worker.recover_dead_trials(study, spec) == [trial.number]
     failed = study.get_trials()[trial.number]
     assert failed.state == TrialState.FAIL and "died" in failed.user_attrs["error"]
-    claimed = [sweep.claim_next_trial(study, spec) for _ in range(2)]   # the other grid point, the retry
-    assert sweep.claim_next_trial(study, spec) is None
+    claimed = [worker.claim_next_trial(study, spec) for _ in range(2)]   # the other grid point, the retry
+    assert worker.claim_next_trial(study, spec) is None
     (retry,) = [t for t in claimed if t.params == trial.params]
     assert retry.number > trial.number
     assert retry.user_attrs["model_dir"] == trial.user_attrs["model_dir"]   # resumes its checkpoints
-    assert sweep.recover_dead_trials(study, spec) == []   # our own running trials are left alone
+    assert worker.recover_dead_trials(study, spec) == []   # our own running trials are left alone
 
 
 def test_random_sweep_stops_at_its_budget(tmp_path):
-    spec = sweep.load_spec(write_spec(tmp_path, {"adamw.peak_learning_rate": {"log_uniform": [1e-4, 1e-2]},
+    spec = load_spec(write_spec(tmp_path, {"adamw.peak_learning_rate": {"log_uniform": [1e-4, 1e-2]},
                                                  "adamw.warmup_steps": {"int_uniform": [0, 9]}},
                                       budget={"n_trials": 3}, sampler={"kind": "random", "seed": 0}))
-    study = sweep.open_study(spec)
+    study = worker.open_study(spec)
     n = 0
-    while (trial := sweep.claim_next_trial(study, spec)) is not None:
+    while (trial := worker.claim_next_trial(study, spec)) is not None:
         assert 1e-4 <= trial.params["adamw.peak_learning_rate"] <= 1e-2
         assert isinstance(trial.params["adamw.warmup_steps"], int)
         study.tell(trial, 1.0)
@@ -165,31 +102,29 @@ def test_random_sweep_stops_at_its_budget(tmp_path):
     assert n == 3
 
 
-def test_report_lists_trials_best_first_with_plots(tmp_path):
-    """The tables and plots from a study whose trials are told by hand (no training)."""
-    spec = sweep.load_spec(write_spec(tmp_path, {"adamw.peak_learning_rate": {"grid": [1e-3, 1e-2]},
-                                                 "adamw.warmup_steps": {"grid": [0, 5]}}))
-    study = sweep.open_study(spec)
-    sweep.enqueue_grid(study, spec)
-    outcomes = iter([(TrialState.COMPLETE, 9.0), (TrialState.FAIL, None), (TrialState.PRUNED, 12.0),
-                     (TrialState.COMPLETE, 7.0)])
-    while (trial := sweep.claim_next_trial(study, spec)) is not None:
-        state, value = next(outcomes)
-        if state == TrialState.PRUNED:
-            trial.report(value, 5)
-        if state == TrialState.FAIL:
-            trial.set_user_attr("error", "ValueError: bad")
-        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
-    report = sweep_report.write_report(study, spec)
-    with open(tmp_path / "sweep" / "results.csv") as f:
-        table = list(csv.DictReader(f))
-    assert [(r["trial"], r["state"], r["objective"]) for r in table] == [
-        ("3", "COMPLETE", "7.0"), ("0", "COMPLETE", "9.0"), ("2", "PRUNED", "12.0"), ("1", "FAIL", "")]
-    assert table[3]["error"] == "ValueError: bad" and table[0]["adamw.peak_learning_rate"] == "0.01"
-    md = open(report).read()
-    assert "Best: trial 3, perplexity 7.0000" in md and "| 1 | FAIL |  | 0.001 | 5 |  |" in md
-    for png in ("objective.png", "curves.png"):
-        assert (tmp_path / "sweep" / png).stat().st_size > 5000
+def test_one_point_grid_trial_is_told(tmp_path):
+    """GridSampler.after_trial read the `grid_id` system attr that enqueued trials lack once one
+    grid point looked unvisited: telling a one-point grid's trial raised KeyError: 'grid_id'."""
+    spec = load_spec(write_spec(tmp_path, {"adamw.peak_learning_rate": {"grid": [1e-3]}}))
+    study = worker.open_study(spec)
+    worker.enqueue_grid(study, spec)
+    trial = worker.claim_next_trial(study, spec)
+    study.tell(trial, 1.0)
+    assert worker.claim_next_trial(study, spec) is None
+    assert [(t.state, t.params) for t in study.get_trials()] == [
+        (TrialState.COMPLETE, {"adamw.peak_learning_rate": 1e-3})]
+
+
+def test_worker_runs_a_one_point_grid(tmp_path, monkeypatch):
+    """The worker loop (training stubbed out) through run_trial's `study.tell`, twice: the rerun
+    finds the point done and runs nothing."""
+    monkeypatch.setattr(worker, "_train", lambda spec, params, model_dir, on_eval: {"all": {"perplexity": 5.0}})
+    spec = load_spec(write_spec(tmp_path, {"adamw.peak_learning_rate": {"grid": [1e-3]},
+                                           "adamw.warmup_steps": {"grid": [0]}}))
+    assert worker.run_worker(spec, say=lambda msg: None) == 1
+    assert worker.run_worker(spec, say=lambda msg: None) == 0
+    (trial,) = worker.open_study(spec).get_trials()
+    assert trial.state == TrialState.COMPLETE and trial.value == 5.0
 
 
 # -- end to end --------------------------------------------------------------------------------------

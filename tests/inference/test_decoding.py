@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5x_like import decoding
+from t5x_like.inference import decoding
 from t5x_like.models import DecoderOnlyConfig, EncoderDecoderConfig, model_for_config
 
 COMMON = dict(vocab_size=64, d_model=32, num_heads=4, head_dim=8, mlp_dim=64)

@@ -2,6 +2,8 @@
 budget, objective, sampler, pruner and storage. `load_spec` checks the structure, `check_gin` the
 gin names and values against the base files; both raise SweepSpecError with one clear line
 before any trial starts. The keys are documented in configs/README.md.
+
+The bottom of the sweep package: report.py and worker.py import this module, it imports neither.
 """
 
 from __future__ import annotations
@@ -59,6 +61,15 @@ def gin_literal(value) -> str:
     if isinstance(value, str) and value[:1] in ("@", "%"):
         return value
     return repr(value)
+
+
+def safe_url(url: str) -> str:
+    """The storage URL without its password, for logs and reports."""
+    try:
+        from sqlalchemy.engine import make_url
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """A transformer layer (self-attention, optional cross-attention, MLP) and a stack of them.
 
+Network assembly, so it lives with the models: it reads the family config's fields and wires the
+config-free building blocks of `layers/` together.
+
 The stack optionally scans over layers (one compiled body, params stacked on a `layers` axis) and
 rematerialises each layer with a named policy. Both are configured, never hard-wired.
 """

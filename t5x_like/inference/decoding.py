@@ -17,6 +17,9 @@ Decoder-only models: `prompts` are the decoder prefix (give the BOS id yourself 
 trained with one; the LM tasks of this project start with pad id 0). Encoder-decoder models:
 `prompts` are the encoder inputs, and the decoder starts from `decoder_start_id` (0 for T5).
 
+What depends on the model (its context, cache, one decode step, prompt checks) comes from the model
+contract (models/base.py: `prefill`, `init_cache`, `decode_step`, `decode_logits`, `reorder_cache`).
+
 Beam search follows Hugging Face's `generate(num_beams=..., do_sample=False)` step for step (2k
 candidates per step, finished hypotheses scored `sum_logprob / generated_length ** length_penalty`,
 `early_stopping` True / False / "never"), so the outputs are comparable token for token.
@@ -32,9 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_like.models.base import BaseModel, EncoderDecoderModel
-from t5x_like.models.decoder_only import DecoderOnly
-from t5x_like.models.encoder_decoder import EncoderDecoder
+from t5x_like.models.base import BaseModel
 
 METHODS = ("greedy", "sample", "beam")
 NEG = -1.0e9  # Hugging Face's "impossible" score offset; reused so tie-breaking matches
@@ -82,58 +83,15 @@ def process_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: floa
 # ---------------------------------------------------------------- the model step
 
 
-def _batch_axis(config) -> int:
-    """Cache leaves are [batch, ...], or [layers, batch, ...] when layers are scanned."""
-    return 1 if config.scan_layers else 0
-
-
-def _reorder_cache(cache, index, config):
-    """Gather cache rows (beam search: the beams each new beam came from)."""
-    axis = _batch_axis(config)
-    return jax.tree_util.tree_map(
-        lambda x: jnp.take(x, index, axis=axis) if x.ndim > axis + 1 else x, cache)
-
-
-def init_cache(model: BaseModel, params, batch: int, length: int, encoder_length: int = 1):
-    """Zero KV caches for `batch` rows of `length` positions (shapes traced, nothing computed)."""
-    cfg = model.config
-    tokens = jnp.zeros((batch, length), jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    if isinstance(model.module, EncoderDecoder):
-        encoded = jnp.zeros((batch, encoder_length, cfg.d_model), jnp.dtype(cfg.dtype))
-        enc_tokens = jnp.ones((batch, encoder_length), jnp.int32)
-        fn = lambda: model.module.init(jax.random.key(0), encoded, enc_tokens, tokens, positions, length,  # noqa: E731
-                                       method=EncoderDecoder.decode_step)
-    elif isinstance(model.module, DecoderOnly):
-        fn = lambda: model.module.init(jax.random.key(0), tokens, positions, length,  # noqa: E731
-                                       method=DecoderOnly.decode_step)
-    else:
-        raise DecodingError(f"{type(model).__name__} cannot generate: decoding needs a decoder-only or "
-                            "encoder-decoder model")
-    shapes = jax.eval_shape(fn)["cache"]
-    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
-def _make_step(model: BaseModel, params, use_cache: bool, length: int, encoded=None, enc_tokens=None):
+def _make_step(model: BaseModel, params, use_cache: bool, length: int, context):
     """step(aux, seq, t) -> (logits [rows, vocab] for the token after position t, aux)."""
-    module = model.module
-    is_ed = isinstance(module, EncoderDecoder)
-
     if use_cache:
         def step(cache, seq, t):
             tok = jax.lax.dynamic_slice_in_dim(seq, t, 1, axis=1)
-            pos = jnp.full(tok.shape, t, jnp.int32)
-            args = (encoded, enc_tokens, tok, pos, length) if is_ed else (tok, pos, length)
-            method = EncoderDecoder.decode_step if is_ed else DecoderOnly.decode_step
-            logits, mutated = module.apply({"params": params, "cache": cache}, *args, method=method,
-                                           mutable=["cache"])
-            return logits[:, 0], mutated["cache"]
+            return model.decode_step(params, cache, context, tok, jnp.full(tok.shape, t, jnp.int32), length)
     else:
         def step(aux, seq, t):
-            if is_ed:
-                logits = module.apply({"params": params}, encoded, enc_tokens, seq, method=EncoderDecoder.decode)
-            else:
-                logits = module.apply({"params": params}, seq)
+            logits = model.decode_logits(params, context, seq)
             return jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False), aux
     return step
 
@@ -174,7 +132,7 @@ def _sample_loop(step, aux, seq, lengths, max_new_tokens, eos_id, method, temper
 
 
 def _beam_loop(step, aux, seq, lengths, max_new_tokens, eos_id, num_beams, length_penalty, early_stopping,
-               config):
+               reorder_cache):
     """Beam search over rows = batch * num_beams (beam-major within each batch row)."""
     rows, total = seq.shape
     batch, k = rows // num_beams, num_beams
@@ -250,7 +208,7 @@ def _beam_loop(step, aux, seq, lengths, max_new_tokens, eos_id, num_beams, lengt
         unsatisfied = jnp.where(forced, unsatisfied, new_unsatisfied)
         src = jnp.where(fb, jnp.arange(k)[None], new_src)
         flat_src = (src + jnp.arange(batch)[:, None] * k).reshape(rows)
-        aux = _reorder_cache(aux, flat_src, config) if aux is not None else aux
+        aux = reorder_cache(aux, flat_src) if aux is not None else aux
 
         at_max = (t + 1) >= (lengths_b + max_new_tokens - 1)
         stop = ~forced & (~unsatisfied | (jnp.all(fin_flags, axis=1) & (early_stopping is True)) | at_max)
@@ -272,28 +230,16 @@ def _beam_loop(step, aux, seq, lengths, max_new_tokens, eos_id, num_beams, lengt
 def _generate(params, prompts, lengths, rng, *, model, max_new_tokens, method, temperature, top_k, top_p,
               num_beams, length_penalty, early_stopping, eos_id, use_cache, decoder_start_id):
     beams = num_beams if method == "beam" else 1
-    batch = prompts.shape[0]
-    encoded = enc_tokens = None
-    if isinstance(model.module, EncoderDecoder):
-        enc_tokens = jnp.repeat(prompts, beams, axis=0)
-        encoded = model.module.apply({"params": params}, prompts, method=EncoderDecoder.encode)
-        encoded = jnp.repeat(encoded, beams, axis=0)
-        prefix = jnp.full((batch, 1), decoder_start_id, jnp.int32)
-        lengths = jnp.ones((batch,), jnp.int32)
-    else:
-        prefix = prompts
+    start = model.prefill(params, prompts, lengths, beams=beams, decoder_start_id=decoder_start_id)
+    prefix, lengths = start.prefix, start.lengths
     total = prefix.shape[1] + max_new_tokens
-    seq = jnp.pad(prefix, ((0, 0), (0, max_new_tokens)))
-    seq = jnp.repeat(seq, beams, axis=0)
+    seq = jnp.repeat(jnp.pad(prefix, ((0, 0), (0, max_new_tokens))), beams, axis=0)
     row_lengths = jnp.repeat(lengths, beams, axis=0)
-    aux = None
-    if use_cache:
-        aux = init_cache(model, params, batch * beams, total,
-                         encoder_length=prompts.shape[1] if enc_tokens is not None else 1)
-    step = _make_step(model, params, use_cache, total, encoded, enc_tokens)
+    aux = model.init_cache(start.context, seq.shape[0], total) if use_cache else None
+    step = _make_step(model, params, use_cache, total, start.context)
     if method == "beam":
         seq, scores = _beam_loop(step, aux, seq, row_lengths, max_new_tokens, eos_id, num_beams,
-                                 length_penalty, early_stopping, model.config)
+                                 length_penalty, early_stopping, model.reorder_cache)
     else:
         seq, scores = _sample_loop(step, aux, seq, row_lengths, max_new_tokens, eos_id, method,
                                    temperature, top_k, top_p, rng)
@@ -337,13 +283,12 @@ def generate(model: BaseModel, variables, prompts, *, prompt_lengths=None, max_n
     if prompt_lengths is None:
         prompt_lengths = np.full((prompts.shape[0],), prompts.shape[1], np.int32)
     prompt_lengths = np.asarray(prompt_lengths, np.int32)
-    if not isinstance(model, EncoderDecoderModel):
-        if np.any(prompt_lengths < 1) or np.any(prompt_lengths > prompts.shape[1]):
-            raise DecodingError(f"prompt_lengths {prompt_lengths.tolist()} must be in [1, {prompts.shape[1]}]")
-        cfg = model.config
-        if cfg.position_embedding == "learned" and prompts.shape[1] + max_new_tokens > cfg.max_position_embeddings:
-            raise DecodingError(f"prompt length {prompts.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
-                                f"max_position_embeddings={cfg.max_position_embeddings}")
+    if not model.can_decode:
+        raise DecodingError(f"{type(model).__name__} cannot generate: decoding needs a decoder-only or "
+                            "encoder-decoder model")
+    problem = model.check_prompts(prompts, prompt_lengths, max_new_tokens)
+    if problem:
+        raise DecodingError(problem)
     rng = jax.random.key(0) if rng is None else rng
     tokens, lengths, scores = _generate(
         variables["params"], jnp.asarray(prompts), jnp.asarray(prompt_lengths), rng, model=model,
