@@ -20,13 +20,14 @@ import numpy as np
 from t5x_like import evaluation, partitioning
 from t5x_like.data import iterators as data_iterators
 from t5x_like.objectives import Loss, summarize
-from t5x_like.training.matmul_peak import measure_matmul_peak
 from t5x_like.training import steps
 from t5x_like.training.checkpointing import Checkpointer, checkpoints_dir, restore_params
+from t5x_like.training.matmul_peak import measure_matmul_peak
 from t5x_like.training.metrics_writer import MetricsWriter
 from t5x_like.training.train_state import abstract_params, init_fn, sharded_abstract_state
 
 log = logging.getLogger(__name__)
+
 
 class TrainingDivergedError(RuntimeError):
     """The loss or gradient became NaN/Inf; the last checkpoint before it is intact."""
@@ -83,6 +84,48 @@ def _step_scalars(window: list[dict], seconds: float, flops_per_step: float, pea
     return out
 
 
+def _train_iterator(mixture_or_task_name, task_feature_lengths, batch_size, seed, pack, host_data, mesh):
+    """This host's resumable training stream: its own data shard ("shard"), or every row of the
+    stream filtered to the rows its devices hold ("slice": the same run for any host count)."""
+    if host_data not in ("shard", "slice"):
+        raise ValueError(f"host_data={host_data!r}; use 'shard' or 'slice'")
+    if host_data == "slice":
+        return data_iterators.get_iterator(mixture_or_task_name, task_feature_lengths, split="train",
+                                           batch_size=batch_size, shuffle=True, seed=seed, pack=pack,
+                                           host_rows=partitioning.host_rows_of(mesh, batch_size))
+    return data_iterators.get_iterator(mixture_or_task_name, task_feature_lengths, split="train",
+                                       batch_size=batch_size // jax.process_count(), shuffle=True, seed=seed,
+                                       pack=pack)
+
+
+def _fresh_state(model, optimizer, batch_shapes, mesh, target, state_shardings, seed, init_checkpoint):
+    """A new sharded train state (each device materialises its shard only), with the params of
+    `init_checkpoint` when fine-tuning."""
+    with partitioning.activation_context(mesh):
+        state = jax.jit(init_fn(model, optimizer, batch_shapes), out_shardings=state_shardings)(
+            jax.random.key_data(jax.random.key(seed)))
+    if init_checkpoint:
+        state = state.replace(params=restore_params(init_checkpoint, target=target.params))
+    return state
+
+
+def _compile(train_step, target, iterator, batch_shapes, mesh):
+    """Compile before the loop so that step times (and MFU) never include compilation."""
+    batch_target = {k: jax.ShapeDtypeStruct(shape, iterator.element_spec[k].dtype.as_numpy_dtype,
+                                            sharding=partitioning.batch_sharding(mesh, len(shape)))
+                    for k, shape in batch_shapes.items()}
+    with partitioning.activation_context(mesh):
+        return train_step.lower(target, batch_target).compile()
+
+
+def _write_eval(writer, step_no: int, results: dict) -> dict:
+    """Log {task: metrics}; return the metrics the checkpointer ranks by (pooled perplexity)."""
+    for task, values in results.items():
+        split = "eval" if task in ("all",) or len(results) == 1 else f"eval/{task}"
+        writer.write_scalars(step_no, values, split)
+    return {"perplexity": results["all" if "all" in results else next(iter(results))]["perplexity"]}
+
+
 @gin.configurable(denylist=["gin_config_text", "on_eval"])
 def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
           task_feature_lengths: Mapping[str, int] = gin.REQUIRED, train_steps: int = gin.REQUIRED,
@@ -97,8 +140,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
     """Train until `train_steps` (resuming from MODEL_DIR); returns the last eval results.
 
     batch_size is global (all hosts); each host feeds batch_size / process_count rows of its own
-    data shard. `loss`: the objective (objectives/loss.py; default the model's cross-entropy,
-    `CrossEntropyLoss` with its gin bindings). `init_checkpoint` (fine-tuning) seeds params from another run's checkpoint
+    data shard. `loss`: the objective (objectives/loss.py; default `CrossEntropyLoss()` with its
+    gin bindings). `init_checkpoint` (fine-tuning) seeds params from another run's checkpoint
     directory when MODEL_DIR has none yet. `unigram_baseline_batches` > 0 also reports the
     perplexity of token frequencies counted on that many train batches, on the same eval batches.
     `host_data`: "shard" (each host reads its own shard of the data) or "slice" (each host reads
@@ -115,16 +158,7 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
         raise partitioning.MeshError(f"batch size {batch_size} is not divisible by {jax.process_count()} hosts")
     _write_gin(model_dir, "config.gin", gin_config_text)
 
-    if host_data not in ("shard", "slice"):
-        raise ValueError(f"host_data={host_data!r}; use 'shard' or 'slice'")
-    if host_data == "slice":
-        iterator = data_iterators.get_iterator(mixture_or_task_name, task_feature_lengths, split="train",
-                                               batch_size=batch_size, shuffle=True, seed=seed, pack=pack,
-                                               host_rows=partitioning.host_rows_of(mesh, batch_size))
-    else:
-        iterator = data_iterators.get_iterator(mixture_or_task_name, task_feature_lengths, split="train",
-                                               batch_size=batch_size // jax.process_count(), shuffle=True,
-                                               seed=seed, pack=pack)
+    iterator = _train_iterator(mixture_or_task_name, task_feature_lengths, batch_size, seed, pack, host_data, mesh)
     batch_shapes = _batch_shapes(iterator, batch_size)
     target, state_shardings = sharded_abstract_state(model, optimizer, batch_shapes, mesh)
 
@@ -137,23 +171,13 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
             iterator.restore(restored.data_state)
         log.info("resumed from %s step %d", checkpointer.directory, restored.step)
     else:
-        with partitioning.activation_context(mesh):
-            state = jax.jit(init_fn(model, optimizer, batch_shapes), out_shardings=state_shardings)(
-                jax.random.key_data(jax.random.key(seed)))
-        if init_checkpoint:
-            params = restore_params(init_checkpoint, target=target.params)
-            state = state.replace(params=params)
+        state = _fresh_state(model, optimizer, batch_shapes, mesh, target, state_shardings, seed, init_checkpoint)
     start = int(jax.device_get(state.step))
 
     train_step = steps.make_train_step(
         model, optimizer, loss=loss, num_microbatches=num_microbatches,
         dropout=dropout, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None))
-    # Compile before the loop so step times (and MFU) never include compilation.
-    batch_target = {k: jax.ShapeDtypeStruct(shape, iterator.element_spec[k].dtype.as_numpy_dtype,
-                                            sharding=partitioning.batch_sharding(mesh, len(shape)))
-                    for k, shape in batch_shapes.items()}
-    with partitioning.activation_context(mesh):
-        train_step = train_step.lower(target, batch_target).compile()
+    train_step = _compile(train_step, target, iterator, batch_shapes, mesh)
     evaluator = evaluation.Evaluator(model, mixture_or_task_name, task_feature_lengths, batch_size, mesh,
                                      param_shardings=state_shardings.params, max_batches=eval_batches, seed=seed)
     lengths = {k: v[1] for k, v in batch_shapes.items()}
@@ -209,11 +233,7 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
                 if eval_every and (step_no % eval_every == 0 or step_no == train_steps):
                     drain()
                     last_eval = evaluator.evaluate(state.params)
-                    for task, values in last_eval.items():
-                        split = "eval" if task in ("all",) or len(last_eval) == 1 else f"eval/{task}"
-                        writer.write_scalars(step_no, values, split)
-                    eval_metrics = {"perplexity": next(iter(last_eval.values()))["perplexity"]
-                                    if "all" not in last_eval else last_eval["all"]["perplexity"]}
+                    eval_metrics = _write_eval(writer, step_no, last_eval)
                     if on_eval is not None:
                         on_eval(step_no, last_eval)
                     window_start = time.perf_counter()
