@@ -15,10 +15,12 @@ import gin
 
 import t5x_like.models  # noqa: F401  (registers the configurables gin files name)
 
+from t5x_like.errors import UserError
+
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
 
-class GinConfigError(ValueError):
+class GinConfigError(UserError):
     """A gin file or binding that cannot be used; the message names it and what to do."""
 
 

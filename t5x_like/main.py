@@ -29,10 +29,12 @@ import argparse
 import os
 import sys
 
+from t5x_like.errors import UserError
+
 MODES = ("train", "eval", "plot", "demo", "import_hf", "precompile", "infer", "score", "sweep")
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     pass
 
 

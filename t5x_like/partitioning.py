@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from t5x_like.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 # Axes the batch is split over: every axis that does not split a parameter's compute (as in MaxText).
 BATCH_MESH_AXES = ("data", "fsdp", "expert")
@@ -43,7 +45,7 @@ DEFAULT_RULES = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(UserError):
     """A mesh shape that cannot be laid over the available devices."""
 
 

@@ -22,6 +22,7 @@ import seqio
 import tensorflow as tf
 
 from t5x_like.data import documents, embedded
+from t5x_like.errors import UserError
 
 DOCUMENT_FORMATS = ("line", "blank_line", "jsonl")
 DEFAULT_MAX_DOCUMENT_CHARS = documents.DEFAULT_MAX_DOCUMENT_CHARS
@@ -33,7 +34,7 @@ Globs = Union[str, Sequence[str], Mapping[str, Union[str, Sequence[str]]]]
 STAT_FIELDS = documents.STAT_FIELDS
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """A corpus that cannot be used; the message names the corpus, the path and the fix."""
 
 

@@ -24,6 +24,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from t5x_like.data import corpus as corpus_lib
 from t5x_like.data import embedded
+from t5x_like.errors import UserError
 
 DEFAULT_EXTRA_IDS = 100
 DEFAULT_VOCAB_SIZE = 8000
@@ -34,7 +35,7 @@ TRAINER_VERSION = 1
 last_training_seconds: Optional[float] = None  # reported by benchmarks and tests
 
 
-class VocabularyError(ValueError):
+class VocabularyError(UserError):
     """A vocabulary that cannot be built or loaded; the message says what to do."""
 
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5x_like.models.base import BaseModel
+from t5x_like.errors import UserError
 
 METHODS = ("greedy", "sample", "beam")
 NEG = -1.0e9  # Hugging Face's "impossible" score offset; reused so tie-breaking matches
@@ -52,7 +53,7 @@ class DecodeResult:
     scores: np.ndarray
 
 
-class DecodingError(ValueError):
+class DecodingError(UserError):
     """Bad decoding arguments; the message says which and what to use."""
 
 

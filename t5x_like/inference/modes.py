@@ -22,11 +22,12 @@ import numpy as np
 
 from t5x_like import evaluation
 from t5x_like.inference import decoding
+from t5x_like.errors import UserError
 
 EOS = 1
 
 
-class InferenceError(ValueError):
+class InferenceError(UserError):
     """Bad input records or settings; the message names the line and the fix."""
 
 

@@ -19,8 +19,10 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import numpy as np
 
+from t5x_like.errors import UserError
 
-class HFInteropError(ValueError):
+
+class HFInteropError(UserError):
     """A checkpoint that cannot be converted; the message names the file, weight or field."""
 
 

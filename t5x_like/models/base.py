@@ -29,9 +29,10 @@ from t5x_like.layers.moe import collect_moe_aux
 from t5x_like.objectives.cross_entropy import cross_entropy_sums
 from t5x_like.objectives.fused_cross_entropy import OutputHead
 from t5x_like.objectives.metrics import EVAL_SUM_KEYS
+from t5x_like.errors import UserError
 
 
-class ModelCapabilityError(ValueError):
+class ModelCapabilityError(UserError):
     """The model cannot do what was asked (e.g. generate text from an encoder-only model)."""
 
 

@@ -11,6 +11,8 @@ from typing import Optional
 
 import gin
 
+from t5x_like.errors import UserError
+
 POSITION_EMBEDDINGS = ("relative", "rotary", "learned", "sinusoidal", "none")
 NORM_TYPES = ("rms", "layer")
 NORM_POSITIONS = ("pre", "post")
@@ -19,7 +21,7 @@ REMAT_POLICIES = ("none", "full", "minimal", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value that cannot work; the message says which field and what to use instead."""
 
 

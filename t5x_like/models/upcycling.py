@@ -17,9 +17,10 @@ from flax import traverse_util
 
 from t5x_like.layers.moe import EXPERT_PARAM_RE
 from t5x_like.models.registry import model_for_config
+from t5x_like.errors import UserError
 
 
-class UpcyclingError(ValueError):
+class UpcyclingError(UserError):
     """The dense parameters do not fit the MoE config (different architecture or sizes)."""
 
 

@@ -18,11 +18,13 @@ import os
 import sys
 from typing import Optional
 
+from t5x_like.errors import UserError
+
 DEFAULT_HEARTBEAT_TIMEOUT_S = 30
 DEFAULT_INITIALIZATION_TIMEOUT_S = 120
 
 
-class DistributedError(ValueError):
+class DistributedError(UserError):
     """Inconsistent multi-host settings (e.g. a coordinator but no process id)."""
 
 

@@ -14,6 +14,8 @@ import os
 import re
 from typing import Any, Optional
 
+from t5x_like.errors import UserError
+
 SPACE_KINDS = ("grid", "choice", "uniform", "log_uniform", "int_uniform", "int_log_uniform")
 TOP_KEYS = ("study", "gin_files", "bindings", "parameters", "budget", "objective", "sampler", "pruner",
             "storage", "sweep_dir", "heartbeat")
@@ -26,7 +28,7 @@ SECTION_KEYS = {
 }
 
 
-class SweepSpecError(ValueError):
+class SweepSpecError(UserError):
     """A sweep spec that cannot run; the message names the key and what to do."""
 
 

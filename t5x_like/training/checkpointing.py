@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from t5x_like.errors import UserError
 from t5x_like.training.train_state import abstract_params
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ CORRUPT_DIR = "corrupt"
 RUN_CHECKPOINTS = "checkpoints"  # the subfolder of a run directory holding step folders
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory that cannot be restored; the message says which and why."""
 
 

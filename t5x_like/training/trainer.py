@@ -19,6 +19,7 @@ import numpy as np
 
 from t5x_like import evaluation, partitioning
 from t5x_like.data import iterators as data_iterators
+from t5x_like.errors import UserError
 from t5x_like.objectives import Loss, summarize
 from t5x_like.training import steps
 from t5x_like.training.checkpointing import Checkpointer, checkpoints_dir, restore_params
@@ -29,7 +30,7 @@ from t5x_like.training.train_state import abstract_params, init_fn, sharded_abst
 log = logging.getLogger(__name__)
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(UserError, RuntimeError):
     """The loss or gradient became NaN/Inf; the last checkpoint before it is intact."""
 
 
