@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Mapping, Optional
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import gin
 import jax
@@ -30,8 +30,47 @@ def task_names_of(mixture_or_task_name: str) -> list[str]:
     return [provider.name]
 
 
+def pad_to_longest_host(batches: Iterable[dict], zero_batch: dict,
+                        allgather: Callable[[bool], Iterable]) -> Iterator[dict]:
+    """This host's batches, then all-zero padding batches until every host has run out.
+
+    Hosts' shards of a finite split can hold different numbers of batches, and every step is a
+    collective, so all hosts must take the same number of steps: each step, `allgather(has_batch)`
+    (every host's flag) says whether any host still has one. Padding rows weigh zero, so the
+    result counts each host's examples exactly once (no host's tail is cut to the shortest).
+    """
+    batches = iter(batches)
+    while True:
+        batch = next(batches, None)
+        if not any(bool(x) for x in allgather(batch is not None)):
+            return
+        yield zero_batch if batch is None else batch
+
+
+def _process_allgather(flag: bool):
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(np.int32(flag))).reshape(-1)
+
+
+def _zero_batch(element_spec) -> dict:
+    return {k: np.zeros(spec.shape, spec.dtype.as_numpy_dtype) for k, spec in element_spec.items()}
+
+
+def _sum_over_hosts(x: np.ndarray) -> np.ndarray:
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x, np.float64))).sum(axis=0)
+
+
 class Evaluator:
-    """Evaluates params on a fixed set of batches per task (the same batches every call)."""
+    """Evaluates params on a fixed set of batches per task (the same batches every call).
+
+    With `max_batches=None` every target token of the split counts exactly once: the final
+    partial batch is padded with all-zero (zero-weight) rows rather than dropped, and hosts with
+    fewer batches feed padding batches until every host is done. Batch shapes never change, so the
+    step compiles once.
+    """
 
     def __init__(self, model, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
                  batch_size: int, mesh, param_shardings=None, split: str = "validation",
@@ -52,17 +91,13 @@ class Evaluator:
 
     def _batches(self, task: str):
         ds = data_iterators.get_dataset(task, self.lengths, split=self.split, batch_size=self.host_batch,
-                                        shuffle=False, seed=self.seed, num_epochs=1, objective=self.objective)
+                                        shuffle=False, seed=self.seed, num_epochs=1, objective=self.objective,
+                                        drop_remainder=False)
         if self.max_batches is not None:
             ds = ds.take(self.max_batches)
         batches = ds.as_numpy_iterator()
         if jax.process_count() > 1:
-            # Hosts' shards of a finite split can hold different numbers of batches, and a host
-            # that stops early would leave the others waiting in a collective: all take the minimum.
-            from jax.experimental import multihost_utils
-            batches = list(batches)
-            counts = np.asarray(multihost_utils.process_allgather(np.int32(len(batches))))
-            batches = batches[:int(counts.min())]
+            batches = pad_to_longest_host(batches, _zero_batch(ds.element_spec), _process_allgather)
         for batch in batches:
             yield partitioning.to_global_batch(batch, self.mesh)
 
@@ -78,7 +113,7 @@ class Evaluator:
                         sums[k] += float(out[k])
                 if sums["tokens"] == 0:
                     raise ValueError(f"evaluation of {task!r} split {self.split!r} saw no target tokens; "
-                                     "the split is empty or shorter than one batch: lower the batch size")
+                                     "the split holds no text for this objective")
                 results[task] = summarize(sums)
                 for k in pooled:
                     pooled[k] += sums[k]
@@ -91,29 +126,37 @@ def unigram_baseline(model, mixture_or_task_name: str, task_feature_lengths: Map
                      batch_size: int = 32, train_batches: int = 200, eval_batches: Optional[int] = 20,
                      seed: int = 0) -> dict:
     """Perplexity of target-token frequencies counted on the train split (add-one smoothed),
-    scored on the same validation batches an Evaluator with these settings sees."""
+    scored on the same validation batches an Evaluator with these settings sees (every token of
+    the split with `eval_batches=None`; each host its shard, the counts and sums added up).
+    `batch_size` is per host."""
     vocab = model.config.vocab_size
-    counts = np.ones(vocab, np.float64)
+    counts = np.zeros(vocab, np.float64)
     train = data_iterators.get_dataset(mixture_or_task_name, task_feature_lengths, split="train",
-                                       batch_size=batch_size, shuffle=False, seed=seed, num_epochs=1)
+                                       batch_size=batch_size, shuffle=False, seed=seed, num_epochs=1,
+                                       drop_remainder=False)
     for batch in train.take(train_batches).as_numpy_iterator():
         targets, weights = model.targets_and_weights(batch)
         np.add.at(counts, np.asarray(targets)[np.asarray(weights) > 0], 1)
+    counts = _sum_over_hosts(counts) + 1.0
     logp = np.log(counts / counts.sum())
-    sums = dict.fromkeys(EVAL_SUM_KEYS, 0.0)
+    sums = np.zeros(len(EVAL_SUM_KEYS), np.float64)
+    index = {k: i for i, k in enumerate(EVAL_SUM_KEYS)}
     best = int(np.argmax(counts))
     objective = tasks_lib.info(mixture_or_task_name).objective
     for task in task_names_of(mixture_or_task_name):
         ds = data_iterators.get_dataset(task, task_feature_lengths, split="validation", batch_size=batch_size,
-                                        shuffle=False, seed=seed, num_epochs=1, objective=objective)
+                                        shuffle=False, seed=seed, num_epochs=1, objective=objective,
+                                        drop_remainder=False)
         if eval_batches is not None:
             ds = ds.take(eval_batches)
         for batch in ds.as_numpy_iterator():
-            targets, weights = (np.asarray(x) for x in model.targets_and_weights(batch))
-            sums["nll_sum"] -= float(np.sum(logp[targets] * weights))
-            sums["tokens"] += float(np.sum(weights))
-            sums["correct"] += float(np.sum((targets == best) * weights))
-    return summarize(sums)
+            targets, weights = model.targets_and_weights(batch)
+            targets, weights = np.asarray(targets), np.asarray(weights, np.float64)
+            sums[index["nll_sum"]] -= float(np.sum(logp[targets] * weights))
+            sums[index["tokens"]] += float(np.sum(weights))
+            sums[index["correct"]] += float(np.sum((targets == best) * weights))
+    sums = _sum_over_hosts(sums)
+    return summarize({k: float(sums[i]) for k, i in index.items()})
 
 
 def check_task(mixture_or_task_name: str) -> None:
@@ -126,12 +169,16 @@ def check_task(mixture_or_task_name: str) -> None:
 
 @gin.configurable
 def text_file_task(path: str = gin.REQUIRED, vocabulary: str = "byte", objective: str = "lm",
-                   documents: str = "line", text_field: str = "text") -> str:
+                   documents: str = "line", text_field: str = "text", on_bad_text: str = "error",
+                   max_bad_lines: Optional[int] = None) -> str:
     """Register a throwaway corpus whose validation split is the whole file; return its task name.
 
     Lets `eval` read a text or JSONL file named on the command line (gin/runs/eval_text.gin)
     without registering anything by hand. `vocabulary` is a registered name ("byte", "spm") or a
     SentencePiece .model file (e.g. the spiece.model that came with a Hugging Face checkpoint).
+    The file is checked as any corpus file (`corpus.register_corpus`): binary or non-UTF-8 text is
+    refused unless `on_bad_text="replace"`, and JSONL lines without the text field fail the read
+    above `max_bad_lines` (default 1% of the lines), e.g. --gin.text_file_task.on_bad_text="'replace'".
     """
     from t5x_like.data import corpus as corpus_lib
     from t5x_like.data import vocabularies as vocab_lib
@@ -143,7 +190,8 @@ def text_file_task(path: str = gin.REQUIRED, vocabulary: str = "byte", objective
     name = f"evalfile{digest}"
     kind = "jsonl_glob" if path.endswith((".jsonl", ".json")) else "text_glob"
     extra = {"text_field": text_field} if kind == "jsonl_glob" else {"documents": documents}
-    corpus_lib.register_corpus(name, **{kind: {"validation": [os.path.abspath(path)]}}, overwrite=True, **extra)
+    corpus_lib.register_corpus(name, **{kind: {"validation": [os.path.abspath(path)]}}, overwrite=True,
+                               on_bad_text=on_bad_text, max_bad_lines=max_bad_lines, **extra)
     return tasks_lib.task_name(name, objective, vocab_name)
 
 

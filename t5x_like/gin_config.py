@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tokenize
 from typing import Iterable, Sequence
 
 import gin
@@ -48,11 +49,16 @@ def parse(gin_files: Sequence[str] = (), bindings: Iterable[str] = ()) -> None:
     logging.disable(logging.ERROR)  # gin logs every search-path miss of an include as an error
     try:
         gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
-    except (ValueError, SyntaxError, OSError) as e:
-        where = " ".join(line.strip() for line in str(e).strip().splitlines()[1:3])
-        msg = str(e).strip().splitlines()[0] + (f" ({where})" if where else "")
-        raise GinConfigError(f"bad gin config: {msg}; check the configurable and parameter names "
-                             "(e.g. `DecoderOnlyConfig.num_layers = 4`)") from None
+    except (ValueError, SyntaxError, OSError, tokenize.TokenError, KeyError, TypeError, ImportError) as e:
+        text = e.args[0] if isinstance(e, tokenize.TokenError) else str(e)  # ('EOF in multi-line statement', pos)
+        where = " ".join(line.strip() for line in text.strip().splitlines()[1:3])
+        msg = (text.strip().splitlines() or [type(e).__name__])[0] + (f" ({where})" if where else "")
+        if isinstance(e, (SyntaxError, tokenize.TokenError)) or "Unable to parse" in msg:
+            hint = ("check the syntax: NAME = VALUE with strings quoted and brackets closed "
+                    "(e.g. --gin.MODEL_DIR=\"'/tmp/run'\")")
+        else:
+            hint = "check the configurable and parameter names (e.g. `DecoderOnlyConfig.num_layers = 4`)"
+        raise GinConfigError(f"bad gin config: {msg}; {hint}") from None
     finally:
         logging.disable(logging.NOTSET)
 
@@ -61,10 +67,19 @@ REQUIRED_MACROS = ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", 
                    "CHECKPOINT_DIR", "INITIAL_CHECKPOINT")
 
 
+def _declared_macros() -> list[str]:
+    """Every macro the parsed config defines (gin keeps `NAME = value` as scope NAME of `gin.macro`)."""
+    try:
+        return [scope for scope, selector in list(gin.config._CONFIG) if selector == "gin.macro"]
+    except (AttributeError, TypeError, ValueError):  # another gin version: the known names only
+        return []
+
+
 def check_required_macros(names: Sequence[str] = REQUIRED_MACROS) -> None:
-    """Macros a run file declares `%gin.REQUIRED` must be set; gin itself would pass the marker on."""
+    """Macros a run file declares `%gin.REQUIRED` must be set; gin itself would pass the marker on.
+    Checks `names` and every other macro the parsed files declare."""
     missing = []
-    for name in names:
+    for name in dict.fromkeys([*names, *_declared_macros()]):
         try:
             value = gin.query_parameter(f"%{name}")
         except ValueError:  # not declared by the parsed files: not needed by this run
@@ -75,6 +90,44 @@ def check_required_macros(names: Sequence[str] = REQUIRED_MACROS) -> None:
         example = " ".join(f"--gin.{n}=..." for n in missing)
         raise GinConfigError(f"missing required gin macro(s) {', '.join(missing)}: set them in a gin file "
                              f"or on the command line ({example})")
+    undefined = _undefined_macro_uses()
+    if "MODEL" in undefined:
+        raise GinConfigError(NO_MODEL)
+    if undefined:
+        uses = ", ".join(f"%{name} (in {where})" for name, where in undefined.items())
+        raise GinConfigError(f"gin macro(s) used but never defined: {uses}; define them in a gin file or on the "
+                             f"command line (e.g. --gin.{next(iter(undefined))}=...)")
+
+
+def _undefined_macro_uses() -> dict[str, str]:
+    """Macro name -> a binding that references it, for `%NAME` references no parsed file or
+    override defines (gin would only fail when the configurable is called, with a TypeError)."""
+    try:
+        config = dict(gin.config._CONFIG)
+    except (AttributeError, TypeError):  # another gin version: leave it to gin
+        return {}
+    defined = {scope for scope, selector in config if selector == "gin.macro"}
+    found: dict[str, str] = {}
+
+    def visit(value, where):
+        if isinstance(value, gin.config.ConfigurableReference):
+            scoped = getattr(value, "scoped_selector", "")
+            if scoped.endswith("/gin.macro") and scoped[:-len("/gin.macro")] not in defined:
+                found.setdefault(scoped[:-len("/gin.macro")], where)
+        elif isinstance(value, (list, tuple, set)):
+            for v in value:
+                visit(v, where)
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v, where)
+
+    for (scope, selector), params in config.items():
+        for param, value in params.items():
+            visit(value, f"{scope + '/' if scope else ''}{selector.rsplit('.', 1)[-1]}.{param}")
+    return found
+
+
+NO_MODEL = "no MODEL defined: add a model gin file, e.g. --gin_file=gin/models/llama_tiny.gin"
 
 
 def model_from_gin():
@@ -85,9 +138,10 @@ def model_from_gin():
     except (ValueError, KeyError, TypeError) as e:
         msg = str(e).strip().splitlines()[0]
         if "MODEL" in msg or "macro" in msg.lower():
-            raise GinConfigError("no MODEL defined: add a model gin file, e.g. "
-                                 "--gin_file=gin/models/llama_tiny.gin") from None
-        raise GinConfigError(f"cannot build MODEL from the gin config: {msg}") from None
+            raise GinConfigError(NO_MODEL) from None
+        hint = ("; check the types of its gin bindings (numbers unquoted, strings quoted)"
+                if isinstance(e, TypeError) else "")
+        raise GinConfigError(f"cannot build MODEL from the gin config: {msg}{hint}") from None
 
 
 def model_gin_text(model, header: str = "") -> str:

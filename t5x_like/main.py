@@ -20,12 +20,17 @@ Modes:
 Multi-host: run one program per host with --coordinator_address=HOST:PORT --num_processes=N
 --process_id=I (or T5X_LIKE_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID); see runtime/distributed.py.
 
-A user error prints one line `error: ...` and exits with status 2; no traceback.
+A user error prints one line `error: ...` and exits with status 2; no traceback. Anything else is a
+bug: its traceback, then a line asking to report it, exit status 1. --verbose shows the TensorFlow,
+absl and CUDA start-up logging that is otherwise hidden.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import logging
 import os
 import sys
 
@@ -38,10 +43,17 @@ class UsageError(UserError):
     pass
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line `error: ...` (exit 2) as every user error, not usage + error
+        raise UsageError(f"{message}; see python -m t5x_like.main --help")
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m t5x_like.main", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _ArgumentParser(prog="python -m t5x_like.main", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=MODES)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow / absl / CUDA start-up logging and library shutdown noise")
     parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
     parser.add_argument("--hf_dir", help="import_hf: folder written by transformers' save_pretrained")
     parser.add_argument("--output_dir", help="import_hf: where the checkpoint and model.gin go")
@@ -73,10 +85,12 @@ def import_hf(hf_dir: str, output_dir: str) -> None:
 
     if not hf_dir or not output_dir:
         raise UsageError("import_hf needs --hf_dir=DIR (a save_pretrained folder) and --output_dir=DIR")
-    model, variables = hf.load(hf_dir)
     ckpt_dir = checkpointing.checkpoints_dir(output_dir)
-    if os.path.exists(ckpt_dir) and os.listdir(ckpt_dir):
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UsageError(f"--output_dir={output_dir} is a file; choose an empty or new folder")
+    if os.path.exists(ckpt_dir) and (not os.path.isdir(ckpt_dir) or os.listdir(ckpt_dir)):
         raise UsageError(f"{ckpt_dir} already holds checkpoints; choose an empty --output_dir")
+    model, variables = hf.load(hf_dir)
     step_dir = checkpointing.save_params(ckpt_dir, 0, variables["params"])
     gin_file = os.path.join(output_dir, "model.gin")
     with open(gin_file, "w") as f:
@@ -94,11 +108,12 @@ def run_gin_mode(mode: str, gin_files, bindings) -> None:
     import gin
 
     from t5x_like import gin_config
-    from t5x_like.training import trainer
 
     if not gin_files:
         raise UsageError(f"{mode} needs gin files, e.g. --gin_file=models/t5_1_1_tiny.gin "
                          f"--gin_file=runs/{'pretrain' if mode == 'train' else 'eval'}.gin")
+    from t5x_like.training import trainer
+
     gin_config.parse(gin_files, bindings)
     gin_config.check_required_macros()
     model = gin_config.model_from_gin()
@@ -114,6 +129,12 @@ def run_inference_mode(mode: str, gin_files, bindings, input_path, output_path) 
 
     if not input_path:
         raise UsageError(f"{mode} needs --input=FILE (text or JSONL; '-' reads stdin)")
+    if input_path != "-" and not os.path.isfile(input_path):
+        what = "is a directory" if os.path.isdir(input_path) else "does not exist"
+        raise UsageError(f"--input={input_path} {what}; give a text or JSONL file ('-' reads stdin)")
+    out_dir = os.path.dirname(os.path.abspath(output_path)) if output_path not in (None, "-") else None
+    if out_dir and not os.path.isdir(out_dir):
+        raise UsageError(f"--output={output_path}: the folder {out_dir} does not exist")
     if not gin_files:
         raise UsageError(f"{mode} needs gin files, e.g. --gin_file=CHECKPOINT/model.gin --gin_file=runs/{mode}.gin")
     gin_config.parse(gin_files, bindings)
@@ -123,63 +144,207 @@ def run_inference_mode(mode: str, gin_files, bindings, input_path, output_path) 
     print(f"{mode}: {count} records -> {output_path or 'stdout'}", file=sys.stderr)
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    from t5x_like.runtime.distributed import DistributedError
-    from t5x_like.inference.decoding import DecodingError
-    from t5x_like.gin_config import GinConfigError
-    from t5x_like.inference.modes import InferenceError
-    from t5x_like.interop.hf import HFInteropError
-    from t5x_like.models import ConfigError, ModelCapabilityError
-    from t5x_like.partitioning import MeshError
-    from t5x_like.sweep import SweepSpecError
-    from t5x_like.training.checkpointing import CheckpointError
-    from t5x_like.training.trainer import TrainingDivergedError, TrainingInterrupted
+# OSErrors about a path the user named: one line naming the path, not a traceback.
+PATH_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
+# OSErrors of the environment the user can fix (disk full, quota, read-only file system).
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
+BUG_LINE = ("t5x_like: this is a bug in t5x_like, not a problem with your input: please report it with the "
+            "traceback above and the command line")
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Errors the user caused and can fix (printed as one line), as opposed to bugs (tracebacks).
+    gin re-raises a configurable's exception as a subclass instance, so isinstance still holds."""
+    from t5x_like.errors import unwrap_gin
+
+    exc = unwrap_gin(exc)
+    return isinstance(exc, (UserError, *PATH_ERRORS)) or (
+        isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS)
+
+
+@contextlib.contextmanager
+def _stderr_fd_silenced():
+    """File descriptor 2 points at /dev/null inside (C++ logging writes to it directly)."""
+    sys.stderr.flush()
     try:
-        args, bindings = parse_args(argv)
-        if args.mode in ("train", "eval"):
-            from t5x_like.runtime import distributed  # before anything asks JAX for devices
-            distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-            run_gin_mode(args.mode, args.gin_file, bindings)
-        elif args.mode == "plot":
-            from t5x_like.training.plotting import plot_runs
-            if not args.run_dir or not args.output:
-                raise UsageError("plot needs --run_dir=DIR (one or more) and --output=FILE.png")
-            print(plot_runs(args.run_dir, args.output))
-        elif args.mode == "demo":
-            from t5x_like import demo
-            demo.run(args.gin_file, bindings)
-        elif args.mode == "import_hf":
-            import_hf(args.hf_dir, args.output_dir)
-        elif args.mode in ("infer", "score"):
-            run_inference_mode(args.mode, args.gin_file, bindings, args.input, args.output)
-        elif args.mode == "precompile":
-            from t5x_like.training import precompile
-            precompile.run(args.gin_file, bindings)
-        elif args.mode == "sweep":
-            from t5x_like import sweep
-            if not args.spec:
-                raise UsageError("sweep needs --spec=FILE.yaml, e.g. --spec=configs/tiny_sweep.yaml")
-            print(sweep.run(args.spec, args.storage, args.sweep_dir, bindings, report_only=args.report_only))
-    except TrainingInterrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return 0
-    except (UsageError, GinConfigError, HFInteropError, ConfigError, CheckpointError, MeshError,
-            TrainingDivergedError, FileNotFoundError, DistributedError,
-            DecodingError, InferenceError, SweepSpecError, ModelCapabilityError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except OSError:  # no fd 2 to redirect: nothing to silence
+        yield
+        return
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class _QuietTensorFlowImport:
+    """A meta-path finder for the first `import tensorflow`, wherever a mode triggers it: the
+    import runs with fd 2 silenced, since TensorFlow's C++ start-up lines ("oneDNN custom
+    operations", "Could not find cuda drivers", "failed call to cuInit") are written before absl
+    logging is initialised and ignore TF_CPP_MIN_LOG_LEVEL. Python errors of the import still
+    propagate (and print) as usual."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "tensorflow":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def quiet_exec_module(module):
+            with _stderr_fd_silenced():
+                exec_module(module)
+
+        spec.loader.exec_module = quiet_exec_module
+        return spec
+
+
+def _from_orbax(unraisable) -> bool:
+    """An exception Python could not raise (a garbage-collected coroutine, a closed event loop)
+    that comes from Orbax / TensorStore background work abandoned by an error."""
+    files = []
+    code = getattr(unraisable.object, "cr_code", None) or getattr(unraisable.object, "__code__", None)
+    if code is not None:
+        files.append(code.co_filename)
+    tb = unraisable.exc_traceback
+    while tb is not None:
+        files.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    return any(f"{os.sep}orbax{os.sep}" in f or f"{os.sep}tensorstore{os.sep}" in f for f in files)
+
+
+class OrbaxChatterFilter(logging.Filter):
+    """Drops Orbax's INFO / WARNING records (logged through absl: "read_only=True, setting
+    create=False", "Given directory is read only", ...); its errors still show."""
+
+    def filter(self, record) -> bool:
+        return record.levelno > logging.WARNING or f"{os.sep}orbax{os.sep}" not in (record.pathname or "")
+
+
+class QuietUnraisableHook:
+    """`sys.unraisablehook` that drops Orbax / TensorStore shutdown noise and passes the rest on."""
+
+    def __init__(self, fallback):
+        self.fallback = fallback
+
+    def __call__(self, unraisable):
+        if not _from_orbax(unraisable):
+            self.fallback(unraisable)
+
+
+def quiet_startup(verbose: bool = False) -> None:
+    """Before TensorFlow / JAX start: no C++ start-up chatter, no absl pre-init warning, no
+    TensorFlow Python INFO/WARNING logging, no Orbax INFO/WARNING chatter or shutdown tracebacks;
+    `--verbose` keeps them all. Python warnings (the `warnings` module) and this project's log
+    messages still show."""
+    if verbose:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    try:
+        from absl import logging as absl_logging  # first: absl creates its "absl" logger (an ABSLLogger)
+    except ImportError:
+        absl_logging = None
+    if absl_logging is not None:
+        absl_logging._warn_preinit_stderr = False  # "WARNING: Logging before flag parsing goes to stderr."
+        absl_logger = logging.getLogger("absl")
+        if not any(isinstance(f, OrbaxChatterFilter) for f in absl_logger.filters):
+            absl_logger.addFilter(OrbaxChatterFilter())
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+    if not isinstance(sys.unraisablehook, QuietUnraisableHook):
+        sys.unraisablehook = QuietUnraisableHook(sys.unraisablehook)
+
+
+def report_error(exc: BaseException) -> int:
+    """Print a user error as one line (exit status 2), or a bug as its traceback plus a line
+    saying it is a bug to report (exit status 1)."""
+    import traceback
+
+    from t5x_like.errors import user_message
+
+    if is_user_error(exc):
+        print(f"error: {user_message(exc)}", file=sys.stderr, flush=True)
         return 2
-    except Exception as e:
-        from t5x_like.runtime import distributed
-        message = distributed.peer_failure_message(e)
-        if message is None:
-            raise
-        distributed.exit_after_peer_failure(message)
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    print(BUG_LINE, file=sys.stderr, flush=True)
+    return 1
+
+
+def run_mode(args, bindings) -> None:
+    if args.mode in ("train", "eval"):
+        from t5x_like.runtime import distributed  # before anything asks JAX for devices
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        run_gin_mode(args.mode, args.gin_file, bindings)
+    elif args.mode == "plot":
+        from t5x_like.training.plotting import plot_runs
+        if not args.run_dir or not args.output:
+            raise UsageError("plot needs --run_dir=DIR (one or more) and --output=FILE.png")
+        print(plot_runs(args.run_dir, args.output))
+    elif args.mode == "demo":
+        from t5x_like import demo
+        demo.run(args.gin_file, bindings)
+    elif args.mode == "import_hf":
+        import_hf(args.hf_dir, args.output_dir)
+    elif args.mode in ("infer", "score"):
+        run_inference_mode(args.mode, args.gin_file, bindings, args.input, args.output)
+    elif args.mode == "precompile":
+        from t5x_like.training import precompile
+        precompile.run(args.gin_file, bindings)
+    elif args.mode == "sweep":
+        from t5x_like import sweep
+        if not args.spec:
+            raise UsageError("sweep needs --spec=FILE.yaml, e.g. --spec=configs/tiny_sweep.yaml")
+        print(sweep.run(args.spec, args.storage, args.sweep_dir, bindings, report_only=args.report_only))
+
+
+def main(argv=None) -> int:
+    """Run one mode; returns the exit status: 0, 2 for a user error (one line `error: ...`), 1 for
+    a bug (traceback), 3 when a peer process of a multi-host run died."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        quiet_startup(verbose="--verbose" in argv)
+        args, bindings = parse_args(argv)
+        run_mode(args, bindings)
+    except Exception as e:  # noqa: BLE001 (every exception is reported: one line or a traceback)
+        trainer = sys.modules.get("t5x_like.training.trainer")  # only a train can have been interrupted
+        if trainer is not None and isinstance(e, trainer.TrainingInterrupted):
+            from t5x_like.errors import user_message
+            print(f"stopped: {user_message(e)}", file=sys.stderr)
+            return 0
+        if not is_user_error(e):
+            from t5x_like.runtime import distributed
+            message = distributed.peer_failure_message(e)
+            if message is not None:
+                distributed.exit_after_peer_failure(message)
+        return report_error(e)
     return 0
+
+
+def _exit_quietly(status: int) -> None:
+    """After a reported error, leave without the shutdown noise of abandoned library work
+    (Orbax/TensorStore coroutines, asyncio "Event loop is closed", absl atexit logging)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.disable(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+    sys.exit(status)
 
 
 if __name__ == "__main__":
     from t5x_like.runtime.host_runtime import reexec_with_tuned_allocator
     reexec_with_tuned_allocator()  # before JAX starts: see runtime/host_runtime.py
-    sys.exit(main())
+    status = main()
+    if status != 0 and "--verbose" not in sys.argv[1:]:
+        _exit_quietly(status)
+    sys.exit(status)

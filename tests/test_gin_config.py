@@ -61,3 +61,29 @@ def test_bindings_of_functions_callers_configure_are_refused(binding):
     with pytest.raises(gin_config.GinConfigError, match=f"No configurable matching '{name}'"):
         gin_config.parse([], [binding])
     gin_config.parse([], ["create_mesh.tensor = 2"])  # the real configurable
+
+
+def test_every_required_macro_and_undefined_macro_is_named():
+    """Any macro left `%gin.REQUIRED` (not only the run files' usual ones) and any `%NAME` nothing
+    defines are named up front, before gin would fail inside a call."""
+    import t5x_like.partitioning  # noqa: F401  (defines the create_mesh configurable)
+    gin_config.parse([], ["MY_INPUT = %gin.REQUIRED", "create_mesh.tensor = %MY_INPUT"])
+    with pytest.raises(gin_config.GinConfigError, match=r"missing required gin macro\(s\) MY_INPUT"):
+        gin_config.check_required_macros()
+    gin_config.parse([], ["create_mesh.tensor = %NOWHERE", "create_mesh.fsdp = [%ALSO_NOWHERE]"])
+    with pytest.raises(gin_config.GinConfigError, match=r"%NOWHERE \(in create_mesh.tensor\), %ALSO_NOWHERE"):
+        gin_config.check_required_macros()
+    gin_config.parse([], ["create_mesh.tensor = %MODEL"])
+    with pytest.raises(gin_config.GinConfigError, match="no MODEL defined"):
+        gin_config.check_required_macros()
+    gin_config.parse([], ["SIZE = 2", "create_mesh.tensor = %SIZE"])
+    gin_config.check_required_macros()
+
+
+@pytest.mark.parametrize("binding, hint", [("MODEL_DIR = (1,", "check the syntax"),
+                                           ("MODEL_DIR = = 3", "check the syntax"),
+                                           ("NoSuchThing.x = 1", "check the configurable and parameter names")])
+def test_parse_errors_are_one_gin_config_error(binding, hint):
+    with pytest.raises(gin_config.GinConfigError, match=hint) as info:
+        gin_config.parse([], [binding])
+    assert "\n" not in str(info.value)

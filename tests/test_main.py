@@ -14,10 +14,16 @@ from t5x_like.training import checkpointing
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def run_cli(*args, env_updates=None):
+    """The real command line in a subprocess, with the user's environment: no TF_CPP_MIN_LOG_LEVEL
+    (tests/conftest.py sets one for this process), so start-up quietness is main.py's doing."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **(env_updates or {}))
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     return subprocess.run([sys.executable, "-m", "t5x_like.main", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+START_UP_NOISE = ("oneDNN", "cuda drivers", "cuInit", "absl::InitializeLog", "Logging before flag parsing")
 
 
 def test_demo_runs_each_family_from_gin(capsys):
@@ -39,12 +45,11 @@ def test_demo_runs_each_family_from_gin(capsys):
     (["import_hf", "--hf_dir=/nonexistent/dir", "--output_dir=/tmp/x"], "/nonexistent/dir is not a directory"),
     (["demo", "--bogus=1"], "unknown argument '--bogus=1'"),
 ])
-def test_user_errors_are_one_line(args, expected):
-    proc = run_cli(*args)
-    assert proc.returncode == 2
-    err_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(err_lines) == 1 and expected in err_lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_user_errors_are_one_line(args, expected, capsys):
+    """In-process through main.main (tests/test_cli_errors.py has the full table)."""
+    assert main.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
 
 
 def test_import_hf_writes_checkpoint_and_gin(tmp_path):
@@ -72,9 +77,60 @@ def test_import_hf_writes_checkpoint_and_gin(tmp_path):
 
 
 def test_missing_required_macro_is_one_line():
+    """The real command line: exactly one line on stderr, no TensorFlow / absl / CUDA start-up lines."""
     proc = run_cli("train", "--gin_file=models/llama_tiny.gin", "--gin_file=runs/pretrain.gin", "--gin.TRAIN_STEPS=5")
     assert proc.returncode == 2
-    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(err) == 1, proc.stderr
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), proc.stderr
     assert "missing required gin macro(s) MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS" in err[0]
     assert "--gin.MODEL_DIR=..." in err[0]
+
+
+@pytest.mark.slow
+def test_verbose_shows_start_up_logging():
+    """--verbose keeps TensorFlow's start-up lines (the same command without it has none: above)."""
+    proc = run_cli("train", "--verbose", "--gin_file=models/llama_tiny.gin", "--gin_file=runs/pretrain.gin",
+                   "--gin.TRAIN_STEPS=5")
+    assert proc.returncode == 2
+    assert any(noise in proc.stderr for noise in START_UP_NOISE), proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: missing required gin macro(s)")
+
+
+@pytest.mark.slow
+def test_quiet_start_up_keeps_python_warnings():
+    """Silencing TensorFlow's import leaves Python warnings (and the project's log warnings) alone."""
+    code = ("import logging, warnings; from t5x_like import main; main.quiet_startup(); import tensorflow; "
+            "warnings.warn('a project warning'); logging.getLogger('t5x_like.x').warning('a project log line')")
+    env = dict(os.environ)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "a project warning" in proc.stderr and "a project log line" in proc.stderr
+    assert not any(noise in proc.stderr for noise in START_UP_NOISE), proc.stderr
+
+
+def test_quiet_start_up_hides_orbax_shutdown_noise():
+    """Exceptions Python cannot raise (garbage-collected coroutines of an abandoned Orbax restore)
+    are not printed; others still are."""
+    import types
+
+    main.quiet_startup()
+    assert isinstance(sys.unraisablehook, main.QuietUnraisableHook)
+    seen = []
+    hook = main.QuietUnraisableHook(seen.append)
+    orbax_code = types.SimpleNamespace(co_filename=os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "x.py"))
+    hook(types.SimpleNamespace(object=types.SimpleNamespace(cr_code=orbax_code), exc_traceback=None))
+    other = types.SimpleNamespace(object=None, exc_traceback=None)
+    hook(other)
+    assert seen == [other]
+
+
+def test_orbax_chatter_filter_keeps_errors_and_other_loggers():
+    import logging
+
+    orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "checkpoint_manager.py")
+    record = lambda level, path: logging.LogRecord("absl", level, path, 1, "msg", None, None)  # noqa: E731
+    keep = main.OrbaxChatterFilter().filter
+    assert not keep(record(logging.WARNING, orbax_file)) and not keep(record(logging.INFO, orbax_file))
+    assert keep(record(logging.ERROR, orbax_file)) and keep(record(logging.WARNING, "/work/t5x_like/x.py"))

@@ -13,6 +13,7 @@ import collections
 import glob as globlib
 import hashlib
 import json
+import logging
 import os
 import re
 from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -25,6 +26,8 @@ from t5x_like.data import documents, embedded
 from t5x_like.errors import UserError
 
 DOCUMENT_FORMATS = ("line", "blank_line", "jsonl")
+ON_BAD_TEXT = ("error", "replace")
+DEFAULT_MAX_BAD_FRACTION = 0.01   # JSONL lines that may fail (without max_bad_lines) before a read fails
 DEFAULT_MAX_DOCUMENT_CHARS = documents.DEFAULT_MAX_DOCUMENT_CHARS
 EMBEDDED = "embedded"
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)*$")
@@ -32,6 +35,8 @@ _HASH_BUCKETS = 1_000_000
 
 Globs = Union[str, Sequence[str], Mapping[str, Union[str, Sequence[str]]]]
 STAT_FIELDS = documents.STAT_FIELDS
+log = logging.getLogger(__name__)
+_warned: set = set()
 
 
 class CorpusError(UserError):
@@ -86,16 +91,33 @@ class Corpus(abc.ABC):
 
 
 class FileCorpus(Corpus):
-    """Documents in local files: one per line, separated by blank lines, or JSONL records."""
+    """Documents in local files: one per line, separated by blank lines, or JSONL records.
+
+    Every file is inspected before it is streamed (`check_file`): a binary file is refused; text
+    that is not UTF-8 is refused, or with `on_bad_text="replace"` repaired with U+FFFD and a
+    warning; JSONL lines that are not records with the text field are skipped with a warning
+    naming them (file:line), and fail the read when more than `max_bad_lines` (default: 1% of the
+    file's lines).
+    """
 
     def __init__(self, name: str, split_globs: Mapping[str, Sequence[str]], fmt: str,
                  text_field: str = "text", max_document_chars: int = DEFAULT_MAX_DOCUMENT_CHARS,
-                 validation_fraction: float = 0.0):
+                 validation_fraction: float = 0.0, on_bad_text: str = "error",
+                 max_bad_lines: Optional[int] = None):
         super().__init__(name)
         if fmt not in DOCUMENT_FORMATS:
             raise CorpusError(f"corpus {name!r}: documents={fmt!r} is not one of {DOCUMENT_FORMATS}")
         if max_document_chars < 1:
             raise CorpusError(f"corpus {name!r}: max_document_chars must be >= 1, got {max_document_chars}")
+        if on_bad_text not in ON_BAD_TEXT:
+            raise CorpusError(f"corpus {name!r}: on_bad_text={on_bad_text!r} is not one of {ON_BAD_TEXT} "
+                              "('error' refuses text that is not UTF-8, 'replace' repairs it with U+FFFD)")
+        if max_bad_lines is not None and (isinstance(max_bad_lines, bool) or not isinstance(max_bad_lines, int)
+                                          or max_bad_lines < 0):
+            raise CorpusError(f"corpus {name!r}: max_bad_lines must be None (1% of a file's lines) or an "
+                              f"integer >= 0, got {max_bad_lines!r}")
+        self.on_bad_text = on_bad_text
+        self.max_bad_lines = max_bad_lines
         self.split_globs = {s: tuple(g) for s, g in split_globs.items()}
         self.format = fmt
         self.text_field = text_field
@@ -126,8 +148,57 @@ class FileCorpus(Corpus):
                 "(globs like /data/wiki/*.txt are expanded on each host) or register the corpus again")
         return found
 
+    def check_file(self, path: str) -> dict:
+        """Refuse a file the stream should not read (CorpusError naming the file, the count and the
+        fix), warn once about what it repairs or skips; returns `documents.inspect_file`'s record."""
+        folder = os.path.join(embedded.data_dir(), "prepared")
+        r = documents.inspect_file_cached(path, self.format, self.text_field, folder)
+        where = f"corpus {self.name!r}: {path}"
+        if r["binary"]:
+            raise CorpusError(
+                f"{where} looks binary, not text ({r['nul_bytes']} NUL and "
+                f"{r['control_bytes'] - r['nul_bytes']} other control bytes in {r['bytes']} bytes); point it at "
+                "UTF-8 text files (a UTF-16 text file looks like this too: convert it with "
+                "iconv -f utf-16 -t utf-8)")
+        warnings = []
+        if r["invalid_lines"]:
+            at = ", ".join(f"{path}:{n}" for n in r["invalid_at"]) + (
+                ", ..." if r["invalid_lines"] > len(r["invalid_at"]) else "")
+            bad = (f"{r['invalid_bytes']} {'bytes or lone surrogate escapes' if self.format == 'jsonl' else 'bytes'}"
+                   " that are not UTF-8")
+            lines = f"{r['invalid_lines']} of {r['lines']} lines"
+            if self.on_bad_text == "error":
+                raise CorpusError(
+                    f"{where} is not valid UTF-8 text: {lines} hold {bad} (at {at}); convert it to UTF-8 "
+                    "(e.g. iconv -f latin1 -t utf-8), or have them replaced by U+FFFD with "
+                    "register_corpus(..., on_bad_text='replace') (eval of a file: "
+                    "--gin.text_file_task.on_bad_text=\"'replace'\")")
+            warnings.append(f"replaced {bad} in {lines} with U+FFFD (at {at})")
+        if r["bad_records"]:
+            limit = (self.max_bad_lines if self.max_bad_lines is not None
+                     else int(DEFAULT_MAX_BAD_FRACTION * r["records"]))
+            at = ", ".join(f"{path}:{n} ({why})" for n, why in r["bad_at"]) + (
+                ", ..." if r["bad_records"] > len(r["bad_at"]) else "")
+            lines = f"{r['bad_records']} of {r['records']} JSONL lines"
+            bad = f"not JSON objects with a string {self.text_field!r} field (at {at})"
+            if r["bad_records"] > limit:
+                allowed = (f"max_bad_lines={self.max_bad_lines}" if self.max_bad_lines is not None
+                           else f"{DEFAULT_MAX_BAD_FRACTION:.0%} of its lines")
+                raise CorpusError(
+                    f"{where}: {lines} are {bad}, more than the {limit} allowed ({allowed}); fix the file "
+                    "or text_field, or allow more with register_corpus(..., max_bad_lines=N) (eval of a "
+                    "file: --gin.text_file_task.max_bad_lines=N)")
+            warnings.append(f"skipped {lines} that are {bad}")
+        key = (self.name, path, json.dumps(r, sort_keys=True), self.on_bad_text)
+        if warnings and key not in _warned:
+            _warned.add(key)
+            log.warning("%s: %s", where, "; ".join(warnings))
+        return r
+
     def prepared_file(self, path: str) -> str:
-        """For JSONL, a cached TFRecord of the file's cleaned documents (built on first use)."""
+        """The file the stream reads, once `check_file` accepts `path`: the file itself, or for
+        JSONL a cached TFRecord of its cleaned documents (built on first use)."""
+        self.check_file(path)
         if self.format != "jsonl":
             return path
         return documents.prepare_jsonl(path, self.text_field, self.max_document_chars,
@@ -326,6 +397,7 @@ def register_corpus(name: str, *, text_glob: Optional[Globs] = None, jsonl_glob:
                     tfds_data_dir: Optional[str] = None, split_map: Optional[Mapping[str, str]] = None,
                     documents: str = "line", validation_fraction: float = 0.0,
                     max_document_chars: int = DEFAULT_MAX_DOCUMENT_CHARS,
+                    on_bad_text: str = "error", max_bad_lines: Optional[int] = None,
                     overwrite: bool = False) -> Corpus:
     """Register a corpus (and, through the tasks module, its seqio tasks) under `name`.
 
@@ -333,6 +405,11 @@ def register_corpus(name: str, *, text_glob: Optional[Globs] = None, jsonl_glob:
     (records with a `text_field`), `tfds_name` (+ `tfds_data_dir`, `split_map`). A glob is a string
     or list (all "train") or a {split: glob} mapping; `validation_fraction` > 0 instead splits the
     documents of all files into train/validation by a stable hash of each document.
+
+    Files are checked when first read (`FileCorpus.check_file`): binary files are refused; text
+    that is not UTF-8 is refused, or repaired with U+FFFD (and a warning) with
+    `on_bad_text="replace"`; JSONL lines without a string `text_field` are skipped with a warning
+    naming them, and fail the read when more than `max_bad_lines` per file (None: 1% of its lines).
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise CorpusError(f"corpus name {name!r} must be letters and digits joined by single "
@@ -352,13 +429,13 @@ def register_corpus(name: str, *, text_glob: Optional[Globs] = None, jsonl_glob:
                                     max_document_chars)
     elif jsonl_glob is not None:
         corpus = FileCorpus(name, _split_globs(jsonl_glob, "jsonl_glob", name), "jsonl", text_field,
-                            max_document_chars, validation_fraction)
+                            max_document_chars, validation_fraction, on_bad_text, max_bad_lines)
     else:
         if documents == "jsonl" or documents not in DOCUMENT_FORMATS:
             raise CorpusError(f"register_corpus({name!r}): documents must be 'line' or 'blank_line' for "
                               f"text_glob (got {documents!r}); use jsonl_glob for JSONL")
         corpus = FileCorpus(name, _split_globs(text_glob, "text_glob", name), documents, text_field,
-                            max_document_chars, validation_fraction)
+                            max_document_chars, validation_fraction, on_bad_text, max_bad_lines)
     _CORPORA[name] = corpus
     for callback in _LISTENERS:
         callback(name)

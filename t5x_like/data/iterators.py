@@ -21,6 +21,7 @@ import seqio
 import tensorflow as tf
 
 from t5x_like.data import tasks as tasks_lib
+from t5x_like.data.corpus import CorpusError
 
 STATE_VERSION = 1
 
@@ -35,13 +36,15 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
                 shard_info: Optional[seqio.ShardInfo] = None, pack: bool = True,
                 num_epochs: Optional[int] = None,
                 feature_converter: Optional[seqio.FeatureConverter] = None,
-                objective: Optional[str] = None) -> tf.data.Dataset:
+                objective: Optional[str] = None, drop_remainder: bool = True) -> tf.data.Dataset:
     """tf.data of this host's batches (`batch_size` rows each) with the model's feature names.
 
-    `num_epochs=None` repeats forever (training); use 1 for evaluation. The last partial batch
-    of a finite stream is dropped so every batch has the same shape. The converter follows the
-    task's objective unless `objective` (or a `feature_converter`) says otherwise, e.g. to read the
-    prefix_lm subtask of an encoder-decoder mixture as encoder-decoder batches.
+    `num_epochs=None` repeats forever (training); use 1 for evaluation. Every batch has the same
+    static shape (one compile). The last partial batch of a finite stream is dropped, or, with
+    `drop_remainder=False` (evaluation: every example counts exactly once), padded to `batch_size`
+    with all-zero rows, which are padding (zero loss weights) to every model. The converter follows
+    the task's objective unless `objective` (or a `feature_converter`) says otherwise, e.g. to read
+    the prefix_lm subtask of an encoder-decoder mixture as encoder-decoder batches.
     """
     if not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an integer (got {seed!r}): without one the stream differs "
@@ -57,11 +60,24 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
         raise ValueError(f"{mixture_or_task_name!r} has no split {split!r}; it has {list(provider.splits)}")
     converter = feature_converter or tasks_lib.feature_converter_for_task(mixture_or_task_name, pack,
                                                                           objective)
-    return seqio.get_dataset(
+    ds = seqio.get_dataset(
         mixture_or_task_name, task_feature_lengths=lengths, feature_converter=converter,
         dataset_split=split, shuffle=shuffle, num_epochs=num_epochs,
-        shard_info=shard_info or host_shard_info(), seed=int(seed), batch_size=batch_size,
-        verbose=False)
+        shard_info=shard_info or host_shard_info(), seed=int(seed),
+        batch_size=batch_size if drop_remainder else None, verbose=False)
+    return ds if drop_remainder else pad_last_batch(ds.batch(batch_size), batch_size)
+
+
+def pad_last_batch(ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+    """Batches of `batch_size` rows: a shorter (final) batch gets all-zero rows appended."""
+    def pad(batch):
+        out = {}
+        for key, value in batch.items():
+            missing = batch_size - tf.shape(value)[0]
+            padding = tf.concat([[[0, missing]], tf.zeros([tf.rank(value) - 1, 2], tf.int32)], 0)
+            out[key] = tf.ensure_shape(tf.pad(value, padding), [batch_size, *value.shape[1:]])
+        return out
+    return ds.map(pad)
 
 
 class DataIterator:
@@ -115,15 +131,15 @@ class DataIterator:
         if isinstance(state, (bytes, str)):
             state = json.loads(state)
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data iterator state version {state.get('version')!r} is not "
-                             f"{STATE_VERSION}; it was saved by another version of t5x_like")
+            raise CorpusError(f"data iterator state version {state.get('version')!r} is not "
+                              f"{STATE_VERSION}; it was saved by another version of t5x_like")
         saved = state["config"]
         if saved != self._config:
             diff = {k: (saved.get(k), self._config.get(k)) for k in set(saved) | set(self._config)
                     if saved.get(k) != self._config.get(k)}
-            raise ValueError("cannot resume the data stream: the saved iterator had different settings "
-                             f"(saved, now): {diff}; resume with the same task, lengths, batch size, "
-                             "seed and host count, or start a fresh stream")
+            raise CorpusError("cannot resume the data stream: the saved iterator had different settings "
+                              f"(saved, now): {diff}; resume with the same task, lengths, batch size, "
+                              "seed and host count, or start a fresh stream")
         self._consumed = int(state["batches_consumed"])
         self._iterator = None  # rebuilt lazily, skipping the consumed batches
 

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional
 import seqio
 import tensorflow as tf
 
+from t5x_like.data.corpus import CorpusError
 from t5x_like.data.span_corruption import (corrupt_chunk, max_inputs_length, noise_counts,
                                            span_corruption_lengths)
 
@@ -35,7 +36,7 @@ Features = Mapping[str, Any]
 
 def _length(sequence_length: Lengths, key: str, objective: str) -> int:
     if not sequence_length or sequence_length.get(key) is None:
-        raise ValueError(
+        raise CorpusError(
             f"{objective} needs sequence_length['{key}'] to size its chunks, got "
             f"{sequence_length!r}. Pass task_feature_lengths (sequence_length) with a '{key}' entry.")
     return int(sequence_length[key])
@@ -43,8 +44,8 @@ def _length(sequence_length: Lengths, key: str, objective: str) -> int:
 
 def _vocabulary(output_features: Features, objective: str):
     if not output_features or "targets" not in output_features:
-        raise ValueError(f"{objective} reads the vocabulary of output_features['targets']; add a "
-                         "'targets' seqio.Feature to the task.")
+        raise CorpusError(f"{objective} reads the vocabulary of output_features['targets']; add a "
+                          "'targets' seqio.Feature to the task.")
     return output_features["targets"].vocabulary
 
 
@@ -92,19 +93,19 @@ def span_corruption(dataset: tf.data.Dataset, sequence_length: Lengths, output_f
     num_sentinels = int(vocab.extra_ids or 0)
     if num_spans > num_sentinels:
         limit = max_inputs_length(num_sentinels, noise_density, mean_noise_span_length)
-        raise ValueError(
+        raise CorpusError(
             f"Span corruption with inputs length {inputs_length} needs {num_spans} noise spans "
             f"but the vocabulary has {num_sentinels} sentinel ids (extra_ids); use an inputs "
             f"length <= {limit} or a vocabulary with at least {num_spans} extra_ids.")
     inputs_feature = output_features.get("inputs")
     if inputs_feature is not None and inputs_feature.vocabulary.vocab_size != vocab.vocab_size:
-        raise ValueError(
+        raise CorpusError(
             "Span corruption writes sentinels into the inputs, so 'inputs' and 'targets' need the "
             f"same vocabulary; got vocab sizes {inputs_feature.vocabulary.vocab_size} and "
             f"{vocab.vocab_size}.")
     given = sequence_length.get("targets")
     if given is not None and given < targets_length:
-        raise ValueError(
+        raise CorpusError(
             f"Span corruption with inputs length {inputs_length} makes targets of "
             f"{targets_length} tokens but sequence_length['targets'] is {given}; set it to "
             f"{targets_length} (see span_corruption_lengths).")
@@ -152,8 +153,8 @@ def prefix_lm(dataset: tf.data.Dataset, sequence_length: Lengths,
     inputs_length = _length(sequence_length, "inputs", "prefix_lm")
     targets_length = _length(sequence_length, "targets", "prefix_lm")
     if min(inputs_length, targets_length) < 1:
-        raise ValueError(f"prefix_lm needs inputs and targets lengths >= 1, got {inputs_length} "
-                         f"and {targets_length}.")
+        raise CorpusError(f"prefix_lm needs inputs and targets lengths >= 1, got {inputs_length} "
+                          f"and {targets_length}.")
     eos = _eos_id(_vocabulary(output_features, "prefix_lm"))
     chunks = _token_stream_chunks(dataset, max(inputs_length, targets_length), eos)
     chunks = chunks.filter(lambda c: tf.size(c) >= 2)
@@ -198,24 +199,24 @@ def masked_lm(dataset: tf.data.Dataset, sequence_length: Lengths, output_feature
     length = _length(sequence_length, "inputs", "masked_lm")
     given = sequence_length.get("targets")
     if given is not None and given < length:
-        raise ValueError(f"masked_lm targets are aligned with the inputs ({length} tokens) but "
-                         f"sequence_length['targets'] is {given}; make them equal.")
+        raise CorpusError(f"masked_lm targets are aligned with the inputs ({length} tokens) but "
+                          f"sequence_length['targets'] is {given}; make them equal.")
     if not 0.0 < mask_rate < 1.0:
-        raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}.")
+        raise CorpusError(f"mask_rate must be in (0, 1), got {mask_rate}.")
     vocab = _vocabulary(output_features, "masked_lm")
     extra_ids = int(vocab.extra_ids or 0)
     if mask_id is None:
         if extra_ids < 1:
-            raise ValueError("masked_lm uses the first sentinel as its mask token but the "
-                             "vocabulary has no extra_ids; pass mask_id.")
+            raise CorpusError("masked_lm uses the first sentinel as its mask token but the "
+                              "vocabulary has no extra_ids; pass mask_id.")
         mask_id = vocab.vocab_size - 1
     if not 0 <= mask_id < vocab.vocab_size:
-        raise ValueError(f"mask_id {mask_id} is outside the vocabulary [0, {vocab.vocab_size}).")
+        raise CorpusError(f"mask_id {mask_id} is outside the vocabulary [0, {vocab.vocab_size}).")
     first_regular = 1 + max(i for i in (vocab.pad_id, vocab.eos_id, vocab.unk_id) if i is not None)
     regular_end = vocab.vocab_size - extra_ids
     if regular_end <= first_regular:
-        raise ValueError(f"masked_lm found no regular token ids in the vocabulary (ids "
-                         f"{first_regular}..{regular_end - 1}).")
+        raise CorpusError(f"masked_lm found no regular token ids in the vocabulary (ids "
+                          f"{first_regular}..{regular_end - 1}).")
     chunks = _token_stream_chunks(dataset, length, _eos_id(vocab))
     return _mask_tokens(chunks, mask_rate=mask_rate, mask_id=mask_id, first_regular=first_regular,
                         regular_end=regular_end)

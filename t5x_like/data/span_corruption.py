@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from t5x_like.data.corpus import CorpusError
+
 MIN_INPUTS_LENGTH = 3  # one kept token, one sentinel, EOS
 
 
 def _check_rates(noise_density: float, mean_noise_span_length: float) -> None:
     if not 0.0 < noise_density < 1.0:
-        raise ValueError(f"noise_density must be in (0, 1), got {noise_density}.")
+        raise CorpusError(f"noise_density must be in (0, 1), got {noise_density}.")
     if mean_noise_span_length < 1.0:
-        raise ValueError(f"mean_noise_span_length must be >= 1, got {mean_noise_span_length}.")
+        raise CorpusError(f"mean_noise_span_length must be >= 1, got {mean_noise_span_length}.")
 
 
 def noise_counts(length: int, noise_density: float = 0.15,
@@ -48,7 +50,7 @@ def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15,
     """
     _check_rates(noise_density, mean_noise_span_length)
     if inputs_length < MIN_INPUTS_LENGTH:
-        raise ValueError(
+        raise CorpusError(
             f"Span corruption needs an inputs length of at least {MIN_INPUTS_LENGTH} (a kept "
             f"token, a sentinel and EOS), got {inputs_length}. Use a longer inputs length.")
     raw = 2

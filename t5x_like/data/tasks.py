@@ -19,6 +19,7 @@ import seqio
 import tensorflow as tf
 
 from t5x_like.data import corpus as corpus_lib
+from t5x_like.data.corpus import CorpusError
 from t5x_like.data import preprocessors
 from t5x_like.data import vocabularies as vocab_lib
 
@@ -58,9 +59,9 @@ def info(name: str) -> TaskInfo:
     """Corpus, objective and vocabulary of a task or mixture registered here."""
     if name not in _TASKS:
         known = sorted(_TASKS)
-        raise ValueError(f"no task or mixture {name!r} registered by t5x_like.data; e.g. {known[:6]} "
-                         f"(all: t5x_like.data.task_names()). Register a corpus with register_corpus "
-                         "or a mixture with register_mixture")
+        raise CorpusError(f"no task or mixture {name!r} registered by t5x_like.data; e.g. {known[:6]} "
+                          f"(all: t5x_like.data.task_names()). Register a corpus with register_corpus "
+                          "or a mixture with register_mixture")
     return _TASKS[name]
 
 
@@ -71,7 +72,7 @@ def task_names() -> list[str]:
 
 def _check_objective(objective: str) -> None:
     if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+        raise CorpusError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
 
 
 def register_tasks(corpus_name: str, vocabulary_name: str) -> list[str]:
@@ -129,26 +130,26 @@ def register_mixture(name: str, tasks_and_rates: Sequence[tuple[str, float]] = g
     """
     tasks_and_rates = tuple((str(t), float(r)) for t, r in tasks_and_rates)
     if not tasks_and_rates:
-        raise ValueError(f"mixture {name!r} needs at least one (task, rate) pair")
+        raise CorpusError(f"mixture {name!r} needs at least one (task, rate) pair")
     objectives = set()
     for task, rate in tasks_and_rates:
         objectives.add(info(task).objective)
         if rate <= 0:
-            raise ValueError(f"mixture {name!r}: rate of {task!r} must be > 0, got {rate}")
+            raise CorpusError(f"mixture {name!r}: rate of {task!r} must be > 0, got {rate}")
     vocabs = {info(t).vocabulary for t, _ in tasks_and_rates}
     if len(vocabs) > 1:
-        raise ValueError(f"mixture {name!r} mixes vocabularies {sorted(vocabs)}; use one vocabulary")
+        raise CorpusError(f"mixture {name!r} mixes vocabularies {sorted(vocabs)}; use one vocabulary")
     if objective is None:
         if len(objectives) > 1:
-            raise ValueError(f"mixture {name!r} mixes objectives {sorted(objectives)}; pass objective= "
-                             "to choose the feature converter (e.g. 'span_corruption' for encoder-decoder)")
+            raise CorpusError(f"mixture {name!r} mixes objectives {sorted(objectives)}; pass objective= "
+                              "to choose the feature converter (e.g. 'span_corruption' for encoder-decoder)")
         objective = objectives.pop()
     _check_objective(objective)
     needed = set(_FEATURES[objective])
     for task, _ in tasks_and_rates:
         if not needed <= set(_FEATURES[info(task).objective]):
-            raise ValueError(f"mixture {name!r}: task {task!r} lacks the features {sorted(needed)} that "
-                             f"objective {objective!r} feeds to its model")
+            raise CorpusError(f"mixture {name!r}: task {task!r} lacks the features {sorted(needed)} that "
+                              f"objective {objective!r} feeds to its model")
     _MIXTURES[name] = (tasks_and_rates, objective)
     _add_mixture(name, tasks_and_rates, objective)
     return name
@@ -239,18 +240,18 @@ def check_task_feature_lengths(name: str, lengths: Optional[Mapping[str, int]],
     missing = [k for k in needed if k not in lengths]
     if missing:
         example = default_task_feature_lengths(objective)
-        raise ValueError(f"task_feature_lengths {lengths} for {name!r} ({objective}) lack {missing}; "
-                         f"e.g. {example} (see default_task_feature_lengths)")
+        raise CorpusError(f"task_feature_lengths {lengths} for {name!r} ({objective}) lack {missing}; "
+                          f"e.g. {example} (see default_task_feature_lengths)")
     for key, minimum in MIN_LENGTHS[objective].items():
         if int(lengths[key]) < minimum:
-            raise ValueError(f"sequence length {key}={lengths[key]} is too short for {objective} on "
-                             f"{name!r}: it needs at least {minimum}")
+            raise CorpusError(f"sequence length {key}={lengths[key]} is too short for {objective} on "
+                              f"{name!r}: it needs at least {minimum}")
     if objective == "span_corruption":
         targets = preprocessors.span_corruption_lengths(int(lengths["inputs"]))[1]
         if int(lengths["targets"]) < targets:
-            raise ValueError(f"span corruption with inputs length {lengths['inputs']} makes targets of "
-                             f"{targets} tokens but targets length is {lengths['targets']}; set it to "
-                             f"{targets}")
+            raise CorpusError(f"span corruption with inputs length {lengths['inputs']} makes targets of "
+                              f"{targets} tokens but targets length is {lengths['targets']}; set it to "
+                              f"{targets}")
     return {k: int(v) for k, v in lengths.items()}
 
 

@@ -64,17 +64,28 @@ def read_hf_config(path: str) -> dict:
     if not os.path.exists(file):
         raise HFInteropError(f"no {CONFIG_FILE} in {path}; pass the folder written by save_pretrained")
     with open(file) as f:
-        return json.load(f)
+        try:
+            config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HFInteropError(f"{file} is not valid JSON ({e}); pass a folder written by save_pretrained") from None
+    if not isinstance(config, dict):
+        raise HFInteropError(f"{file} holds a JSON {type(config).__name__}, not an object of config fields; "
+                             "pass a folder written by save_pretrained")
+    return config
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """All weights of a checkpoint folder as float32/int numpy arrays (bfloat16 is widened)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise HFInteropError(f"{index} is not a safetensors index with a weight_map ({type(e).__name__}: "
+                                 f"{e}); re-save the checkpoint with save_pretrained") from None
     elif os.path.exists(os.path.join(path, WEIGHTS_FILE)):
         files = [WEIGHTS_FILE]
     else:
@@ -88,11 +99,15 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         if not os.path.exists(file):
             raise HFInteropError(f"missing weight shard {name} listed in {INDEX_FILE} of {path}")
         # framework="flax" reads bfloat16 too (numpy has no bfloat16).
-        with safe_open(file, framework="flax") as f:
-            for key in f.keys():
-                arr = np.asarray(f.get_tensor(key))
-                is_float = arr.dtype.kind == "f" or arr.dtype.name == "bfloat16"
-                weights[key] = arr.astype(np.float32) if is_float else arr
+        try:
+            with safe_open(file, framework="flax") as f:
+                for key in f.keys():
+                    arr = np.asarray(f.get_tensor(key))
+                    is_float = arr.dtype.kind == "f" or arr.dtype.name == "bfloat16"
+                    weights[key] = arr.astype(np.float32) if is_float else arr
+        except SafetensorError as e:  # a truncated or corrupt file
+            raise HFInteropError(f"{file} is not a readable safetensors file ({e}); it may be truncated: "
+                                 "download or save it again") from None
     return weights
 
 
@@ -120,7 +135,12 @@ def load(path: str, **config_overrides) -> tuple[BaseModel, dict]:
     path = os.fspath(path)
     hf_config = read_hf_config(path)
     conv = _converter_for_hf(hf_config, path)
-    config = conv.config_from_hf(hf_config)
+    try:
+        config = conv.config_from_hf(hf_config)
+    except (KeyError, TypeError) as e:  # a field missing, or of the wrong type
+        what = f"lacks the field {e.args[0]!r}" if isinstance(e, KeyError) else f"has a field of the wrong type ({e})"
+        raise HFInteropError(f"{os.path.join(path, CONFIG_FILE)} {what}; pass a folder written by "
+                             "save_pretrained") from None
     reader = WeightReader(read_safetensors(path), path)
     if conv.config_from_weights is not None:
         config = conv.config_from_weights(config, reader)

@@ -73,6 +73,15 @@ class BaseModel:
         """Feature name -> (batch_size, length): the batch a train step compiles for, without data."""
         return {k: (batch_size, n) for k, n in self.feature_lengths(task_feature_lengths).items()}
 
+    def max_length(self) -> Optional[int]:
+        """The longest row (in positions) the model can read, or None for no limit. A learned
+        position table (`position_embedding="learned"`, shared by every family through
+        `NetworkBase`) holds `max_position_embeddings` rows; relative, rotary and sinusoidal
+        positions take any length. A family with another limit overrides this."""
+        if getattr(self.config, "position_embedding", None) == "learned":
+            return int(self.config.max_position_embeddings)
+        return None
+
     def _inputs(self, batch: Mapping[str, np.ndarray]) -> dict:
         missing = [k for k in self.required_features if k not in batch]
         if missing:

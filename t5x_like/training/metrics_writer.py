@@ -3,14 +3,19 @@
 Layout under `log_dir`: `<split>/events.out.tfevents.*` (one TensorBoard run per split, so train and
 eval curves overlay under the same tag) and `metrics.jsonl`, one object per write:
 `{"step": 100, "split": "train", "time": <unix s>, "loss": 2.3, ...}`. The JSONL is appended to, so a
-resumed run continues its log; readers keep the last record of a repeated (split, step).
+resumed run continues its log. A run resumed from step N (`initial_step=N`) first drops the rows
+past N, written by an earlier attempt after its last checkpoint (it was killed), so each step is
+logged once; the file is rewritten atomically (a temporary file, then `os.replace`). Readers still
+keep the last record of a repeated (split, step), for logs written before that.
 Only process 0 writes; on other hosts every method is a no-op, so callers need no `if`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import tempfile
 import time
 from typing import Mapping, Optional
 
@@ -18,6 +23,8 @@ import jax
 import numpy as np
 
 JSONL = "metrics.jsonl"
+
+log = logging.getLogger(__name__)
 
 
 def _tf():
@@ -48,11 +55,66 @@ def _scalar(name, value) -> float:
     return float(arr.reshape(()))
 
 
+def drop_rows_after(path: str, step: int) -> int:
+    """Remove the rows of a metrics.jsonl whose step is past `step` (and lines cut off by a crash),
+    rewriting the file atomically; returns how many lines went. A file with nothing to drop is
+    left untouched."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return 0
+    keep, dropped = [], 0
+    for line in data.splitlines(keepends=True):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:  # cut off by a crash (or not UTF-8): readers skip it anyway
+            dropped += 1
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)) and rec["step"] > step:
+            dropped += 1
+            continue
+        keep.append(line if line.endswith(b"\n") else line + b"\n")
+    new = b"".join(keep)
+    if new == data:
+        return 0
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(new)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    if dropped:
+        log.info("%s: dropped %d rows past step %d (logged after the last checkpoint by an earlier "
+                 "attempt)", path, dropped, step)
+    return dropped
+
+
 class MetricsWriter:
-    """`is_process_zero=None` asks JAX (`jax.process_index() == 0`)."""
+    """`is_process_zero=None` asks JAX (`jax.process_index() == 0`). `initial_step`: the step this
+    run starts from (the restored step of a resumed run, 0 for a fresh one): rows past it are
+    dropped from metrics.jsonl before anything is appended, since this run logs those steps again.
+    None (the default) appends to the log as it is."""
 
     def __init__(self, log_dir: str, is_process_zero: Optional[bool] = None, total_steps: Optional[int] = None,
-                 initial_step: int = 0, progress: bool = True, tensorboard: bool = True):
+                 initial_step: Optional[int] = None, progress: bool = True, tensorboard: bool = True):
         self.log_dir = os.fspath(log_dir)
         self.active = jax.process_index() == 0 if is_process_zero is None else bool(is_process_zero)
         self._writers, self._bar, self._jsonl, self._tf = {}, None, None, None
@@ -60,12 +122,14 @@ class MetricsWriter:
         if not self.active:
             return
         os.makedirs(self.log_dir, exist_ok=True)
+        if initial_step is not None:
+            drop_rows_after(os.path.join(self.log_dir, JSONL), int(initial_step))
         self._jsonl = open(os.path.join(self.log_dir, JSONL), "a", encoding="utf-8")
         if tensorboard:
             self._tf = _tf()
         if progress:
             from tqdm.auto import tqdm
-            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
+            self._bar = tqdm(total=total_steps, initial=initial_step or 0, unit="step", dynamic_ncols=True,
                              smoothing=0.1)
 
     def _writer(self, split: str):

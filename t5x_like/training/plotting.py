@@ -15,8 +15,9 @@ from t5x_like.training.metrics_writer import JSONL
 
 
 def read_metrics(run_dir: str) -> dict:
-    """{split: {metric: ([steps], [values])}}; a repeated (split, step), as after a resume from an
-    earlier checkpoint, keeps its last record."""
+    """{split: {metric: ([steps], [values])}}, each (split, step) once: a repeated one (logs of
+    runs resumed before the trainer dropped re-logged steps on resume) keeps its last record, the
+    one of the run that continued. Lines cut off by a crash are skipped."""
     path = run_dir if os.path.isfile(run_dir) else os.path.join(run_dir, JSONL)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {JSONL} in {run_dir}; pass the run's model directory")
@@ -29,8 +30,8 @@ def read_metrics(run_dir: str) -> dict:
                 rec = json.loads(line)
             except json.JSONDecodeError:  # a line cut off by a crash: skip it, keep the rest
                 continue
-            if "step" in rec:
-                last[(rec.get("split", "train"), int(rec["step"]))] = rec
+            if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
+                last[(str(rec.get("split", "train")), int(rec["step"]))] = rec
     out = {}
     for (split, step), rec in sorted(last.items()):
         for k, v in rec.items():

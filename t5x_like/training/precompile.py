@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from t5x_like import partitioning
-from t5x_like.training import steps
+from t5x_like.training import run_checks, steps
 from t5x_like.training.train_state import sharded_abstract_state
 
 GiB = 1024 ** 3
@@ -46,6 +46,7 @@ def precompile(model, *, task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
                mesh_fn: Callable = partitioning.create_mesh, num_microbatches: int = 1,
                loss=None, dropout: bool = False) -> dict:
     """Lower and compile the train step on `mesh_fn()` with abstract inputs; returns the report."""
+    run_checks.check_run("precompile", locals())
     mesh = mesh_fn()
     partitioning.check_batch_size(batch_size, mesh)
     shapes = model.batch_shapes(task_feature_lengths, batch_size)
@@ -120,7 +121,8 @@ def run(gin_files, bindings, output: Optional[str] = None) -> dict:
         num = gin.query_parameter("%NUM_FAKE_DEVICES")
     except ValueError:
         num = None
-    if num:
+    if num is not None:
+        run_checks.check_num_fake_devices(num)
         set_fake_devices(num)
     model = gin_config.model_from_gin()
     report = precompile(model=model)

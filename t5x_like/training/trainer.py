@@ -21,7 +21,7 @@ from t5x_like import evaluation, partitioning
 from t5x_like.data import iterators as data_iterators
 from t5x_like.errors import UserError
 from t5x_like.objectives import Loss, summarize
-from t5x_like.training import steps
+from t5x_like.training import run_checks, run_lock, steps
 from t5x_like.training.checkpointing import Checkpointer, checkpoints_dir, restore_params
 from t5x_like.training.matmul_peak import measure_matmul_peak
 from t5x_like.training.metrics_writer import MetricsWriter
@@ -150,67 +150,70 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
     for any number of hosts). `on_eval(step, results)` is called after each evaluation with the
     {task: {metric: value}} results (sweeps report them to Optuna's pruner; it may raise to stop).
     """
+    run_checks.check_run("train", locals())  # types, ranges, lengths, memory: before anything is built
     model_dir = os.path.abspath(os.fspath(model_dir))
-    os.makedirs(model_dir, exist_ok=True)
-    evaluation.check_task(mixture_or_task_name)
-    mesh = mesh_fn()
-    partitioning.check_batch_size(batch_size, mesh)
-    if batch_size % jax.process_count():
-        raise partitioning.MeshError(f"batch size {batch_size} is not divisible by {jax.process_count()} hosts")
-    _write_gin(model_dir, "config.gin", gin_config_text)
-
-    iterator = _train_iterator(mixture_or_task_name, task_feature_lengths, batch_size, seed, pack, host_data, mesh)
-    batch_shapes = _batch_shapes(iterator, batch_size)
-    target, state_shardings = sharded_abstract_state(model, optimizer, batch_shapes, mesh)
-
-    checkpointer = Checkpointer(checkpoints_dir(model_dir), save_interval_steps=checkpoint_every,
-                                keep_last=keep_last, keep_best=keep_best, async_save=async_checkpoints)
-    restored = checkpointer.restore_latest(target)
-    if restored is not None:
-        state = restored.state
-        if restored.data_state is not None:
-            iterator.restore(restored.data_state)
-        log.info("resumed from %s step %d", checkpointer.directory, restored.step)
-    else:
-        state = _fresh_state(model, optimizer, batch_shapes, mesh, target, state_shardings, seed, init_checkpoint)
-    start = int(jax.device_get(state.step))
-
-    train_step = steps.make_train_step(
-        model, optimizer, loss=loss, num_microbatches=num_microbatches,
-        dropout=dropout, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None))
-    train_step = _compile(train_step, target, iterator, batch_shapes, mesh)
-    evaluator = evaluation.Evaluator(model, mixture_or_task_name, task_feature_lengths, batch_size, mesh,
-                                     param_shardings=state_shardings.params, max_batches=eval_batches, seed=seed)
-    lengths = {k: v[1] for k, v in batch_shapes.items()}
-    flops_per_step = model.flops_per_example(target.params, lengths) * batch_size
-    peak = measure_matmul_peak() if measure_peak else 0.0
-    writer = MetricsWriter(model_dir, total_steps=train_steps, initial_step=start, progress=progress)
-    if start == 0 and gin_config_text:
-        writer.write_text(0, "gin_config", gin_config_text)
-
-    pending: list[tuple[int, dict]] = []   # per-step metrics still on device
-    window: list[dict] = []                 # fetched metrics since the last log line
-    window_start = time.perf_counter()
-    last_eval: dict = {}
-
-    def drain() -> None:
-        """Fetch pending metrics; stop at the first non-finite step (before anything is saved)."""
-        for step_no, m in jax.device_get(pending):
-            if not bool(m["is_finite"]):
-                raise TrainingDivergedError(
-                    f"loss or gradient became NaN/Inf at step {step_no}; the last checkpoint "
-                    f"(step {checkpointer.latest_step()}) is intact. Lower the learning rate, enable "
-                    "z_loss or gradient clipping, then rerun the same command to resume")
-            window.append(m)
-        pending.clear()
-
-    def save(step_no: int, force: bool = False, metrics: Optional[dict] = None) -> None:
-        if force or checkpointer.should_save(step_no):
-            drain()
-            checkpointer.save(step_no, state, data_state=iterator.state(), gin_config=gin_config_text,
-                              metrics=metrics, force=force)
-
+    run_checks.make_model_dir(model_dir)
+    lock = run_lock.lock_run_dir(model_dir)  # before anything is written: one run per MODEL_DIR
+    writer = checkpointer = None
     try:
+        evaluation.check_task(mixture_or_task_name)
+        mesh = mesh_fn()
+        partitioning.check_batch_size(batch_size, mesh)
+        if batch_size % jax.process_count():
+            raise partitioning.MeshError(f"batch size {batch_size} is not divisible by {jax.process_count()} hosts")
+
+        iterator = _train_iterator(mixture_or_task_name, task_feature_lengths, batch_size, seed, pack, host_data, mesh)
+        batch_shapes = _batch_shapes(iterator, batch_size)
+        target, state_shardings = sharded_abstract_state(model, optimizer, batch_shapes, mesh)
+
+        checkpointer = Checkpointer(checkpoints_dir(model_dir), save_interval_steps=checkpoint_every,
+                                    keep_last=keep_last, keep_best=keep_best, async_save=async_checkpoints)
+        restored = checkpointer.restore_latest(target)
+        if restored is not None:
+            state = restored.state
+            if restored.data_state is not None:
+                iterator.restore(restored.data_state)
+            log.info("resumed from %s step %d", checkpointer.directory, restored.step)
+        else:
+            state = _fresh_state(model, optimizer, batch_shapes, mesh, target, state_shardings, seed, init_checkpoint)
+        start = int(jax.device_get(state.step))
+        _write_gin(model_dir, "config.gin", gin_config_text)  # after a refused resume could have stopped us
+
+        train_step = steps.make_train_step(
+            model, optimizer, loss=loss, num_microbatches=num_microbatches,
+            dropout=dropout, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None))
+        train_step = _compile(train_step, target, iterator, batch_shapes, mesh)
+        evaluator = evaluation.Evaluator(model, mixture_or_task_name, task_feature_lengths, batch_size, mesh,
+                                         param_shardings=state_shardings.params, max_batches=eval_batches, seed=seed)
+        lengths = {k: v[1] for k, v in batch_shapes.items()}
+        flops_per_step = model.flops_per_example(target.params, lengths) * batch_size
+        peak = measure_matmul_peak() if measure_peak else 0.0
+        writer = MetricsWriter(model_dir, total_steps=train_steps, initial_step=start, progress=progress)
+        if start == 0 and gin_config_text:
+            writer.write_text(0, "gin_config", gin_config_text)
+
+        pending: list[tuple[int, dict]] = []   # per-step metrics still on device
+        window: list[dict] = []                 # fetched metrics since the last log line
+        window_start = time.perf_counter()
+        last_eval: dict = {}
+
+        def drain() -> None:
+            """Fetch pending metrics; stop at the first non-finite step (before anything is saved)."""
+            for step_no, m in jax.device_get(pending):
+                if not bool(m["is_finite"]):
+                    raise TrainingDivergedError(
+                        f"loss or gradient became NaN/Inf at step {step_no}; the last verified checkpoint "
+                        f"(step {checkpointer.latest_verified_step()}) is intact. Lower the learning rate, enable "
+                        "z_loss or gradient clipping, then rerun the same command to resume")
+                window.append(m)
+            pending.clear()
+
+        def save(step_no: int, force: bool = False, metrics: Optional[dict] = None) -> None:
+            if force or checkpointer.should_save(step_no):
+                drain()
+                checkpointer.save(step_no, state, data_state=iterator.state(), gin_config=gin_config_text,
+                                  metrics=metrics, force=force)
+
         with _SigtermFlag() as sigterm, partitioning.activation_context(mesh):
             for step_no in range(start + 1, train_steps + 1):
                 try:
@@ -255,8 +258,13 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
             writer.write_scalars(train_steps, baseline, "unigram_baseline")
             last_eval = {**last_eval, "unigram_baseline": baseline}
     finally:
-        writer.close()
-        checkpointer.close()
+        try:
+            if writer is not None:
+                writer.close()
+            if checkpointer is not None:
+                checkpointer.close()
+        finally:
+            lock.release()
     return last_eval
 
 
@@ -267,6 +275,7 @@ def evaluate(*, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED, mixture_
              seed: int = 0, mesh_fn: Callable = partitioning.create_mesh, output_dir: Optional[str] = None,
              gin_config_text: str = "") -> dict:
     """Perplexity of a checkpoint (a run's MODEL_DIR or a checkpoints folder) on a split."""
+    run_checks.check_run("evaluate", locals())
     evaluation.check_task(mixture_or_task_name)
     mesh = mesh_fn()
     partitioning.check_batch_size(batch_size, mesh)

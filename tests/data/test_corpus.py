@@ -2,7 +2,9 @@
 
 import collections
 import json
+import logging
 import os
+import shutil
 import sys
 import threading
 
@@ -105,7 +107,7 @@ def test_text_lines_skip_empty_and_repair_invalid_utf8(write_file):
     path = write_file("lines/a.txt", b"first document\n\n   \nsecond \xff document\n  third  \n")
     write_file("lines/b.txt", b"fourth\n")
     corpus = data.register_corpus("lines1", text_glob=os.path.join(os.path.dirname(path), "*.txt"),
-                                  overwrite=True)
+                                  on_bad_text="replace", overwrite=True)
     docs = list(corpus.iter_documents("train"))
     assert docs == ["first document", "second \ufffd document", "third", "fourth"]
     assert docs == _python_mirror(corpus)
@@ -115,7 +117,8 @@ def test_text_lines_skip_empty_and_repair_invalid_utf8(write_file):
 
 def test_blank_line_separated_documents(write_file):
     path = write_file("blank/a.txt", b"Para one\nstill one\n\n\n  \nPara two\r\n\r\nPara \xfe three\n\n")
-    corpus = data.register_corpus("blank1", text_glob=path, documents="blank_line", overwrite=True)
+    corpus = data.register_corpus("blank1", text_glob=path, documents="blank_line", on_bad_text="replace",
+                                  overwrite=True)
     docs = list(corpus.iter_documents("train"))
     assert docs == ["Para one\nstill one", "Para two", "Para \ufffd three"]
     assert docs == _python_mirror(corpus)
@@ -128,14 +131,102 @@ def test_jsonl_counts_bad_records(write_file):
              b'{"text": "bad \xff byte"}', json.dumps({"text": "lone \ud800 surrogate"}).encode(),
              json.dumps({"text": "  omega  ", "id": 3}).encode()]
     path = write_file("j/a.jsonl", b"\n".join(lines) + b"\n")
-    corpus = data.register_corpus("jsonl1", jsonl_glob=path, overwrite=True)
+    corpus = data.register_corpus("jsonl1", jsonl_glob=path, on_bad_text="replace", max_bad_lines=3,
+                                  overwrite=True)
     docs = list(corpus.iter_documents("train"))
     assert docs == ["alpha", "bad \ufffd byte", "lone \ufffd\ufffd\ufffd surrogate", "omega"]
     stats = corpus.stats("train")
     counts = (stats["documents"], stats["skipped_empty"], stats["bad_records"], stats["invalid_utf8"])
     assert counts == (4, 2, 3, 2)
-    other = data.register_corpus("jsonl2", jsonl_glob=path, text_field="title", overwrite=True)
+    other = data.register_corpus("jsonl2", jsonl_glob=path, text_field="title", on_bad_text="replace",
+                                 max_bad_lines=8, overwrite=True)
     assert list(other.iter_documents("train")) == ["no text"]
+
+
+# ------------------------------------------------------------------------------ data hygiene
+
+
+def _first_error(corpus):
+    with pytest.raises(corpus_lib.CorpusError) as info:
+        list(corpus.iter_documents("train"))
+    message = str(info.value)
+    assert "\n" not in message  # the CLI prints it as one line
+    return message
+
+
+def test_binary_files_are_refused(write_file, tmp_path):
+    binary = shutil.which("ls") or sys.executable
+    path = str(tmp_path / "ls.txt")
+    shutil.copy(binary, path)
+    for policy in ("error", "replace"):  # binary cannot be repaired
+        corpus = data.register_corpus("binary1", text_glob=path, on_bad_text=policy, overwrite=True)
+        message = _first_error(corpus)
+        assert path in message and "looks binary" in message and "NUL" in message
+    utf16 = write_file("utf16.txt", "a line of text\nanother line\n".encode("utf-16"))
+    assert "iconv -f utf-16" in _first_error(data.register_corpus("binary2", text_glob=utf16, overwrite=True))
+    controls = write_file("controls.jsonl", b"".join(b'{"text": "x\x01\x02\x03"}\n' for _ in range(10)))
+    assert "looks binary" in _first_error(data.register_corpus("binary3", jsonl_glob=controls, overwrite=True))
+    ansi = write_file("log.txt", b"".join(b"\x1b[31mred\x1b[0m text\tand a tab\r\n" for _ in range(50)))
+    assert len(list(data.register_corpus("ansi1", text_glob=ansi, overwrite=True).iter_documents("train"))) == 50
+
+
+def test_invalid_utf8_is_refused_or_repaired_with_a_count(write_file, caplog):
+    lines = [f"good line {i}".encode() for i in range(20)]
+    lines[4] = b"caf\xe9 latin-1"
+    lines[11] = b"two \xff\xfe bad bytes"
+    lines[17] = b"cut \xe2\x82"  # a truncated three-byte sequence
+    path = write_file("latin.txt", b"\n".join(lines) + b"\n")
+    message = _first_error(data.register_corpus("badutf1", text_glob=path, overwrite=True))
+    assert f"{path} is not valid UTF-8" in message
+    assert "3 of 20 lines hold 5 bytes" in message and f"{path}:5, {path}:12, {path}:18" in message
+    assert "on_bad_text='replace'" in message
+
+    with caplog.at_level(logging.WARNING):
+        corpus = data.register_corpus("badutf2", text_glob=path, on_bad_text="replace", overwrite=True)
+        docs = list(corpus.iter_documents("train"))
+        list(corpus.iter_documents("train"))  # warned once per file
+    assert docs[4] == "caf\ufffd latin-1" and len(docs) == 20
+    warnings = [r.getMessage() for r in caplog.records if "U+FFFD" in r.getMessage()]
+    assert len(warnings) == 1 and "replaced 5 bytes that are not UTF-8 in 3 of 20 lines" in warnings[0]
+    assert f"{path}:5, {path}:12, {path}:18" in warnings[0]
+    with pytest.raises(corpus_lib.CorpusError, match="on_bad_text='ignore' is not one of"):
+        data.register_corpus("badutf3", text_glob=path, on_bad_text="ignore", overwrite=True)
+
+
+def _jsonl(n, bad):
+    return b"".join(b"{broken\n" if i in bad else json.dumps({"text": f"record {i}"}).encode() + b"\n"
+                    for i in range(n))
+
+
+def test_jsonl_parse_failures_warn_with_file_line_or_fail_above_the_limit(write_file, caplog):
+    path = write_file("one_bad.jsonl", _jsonl(200, {57}))
+    with caplog.at_level(logging.WARNING):
+        docs = list(data.register_corpus("jsonlbad1", jsonl_glob=path, overwrite=True).iter_documents("train"))
+    assert len(docs) == 199
+    (warning,) = [r.getMessage() for r in caplog.records if "JSONL" in r.getMessage()]
+    assert "skipped 1 of 200 JSONL lines" in warning and f"{path}:58 (not JSON" in warning
+
+    path = write_file("many_bad.jsonl", _jsonl(200, set(range(0, 200, 10))))
+    message = _first_error(data.register_corpus("jsonlbad2", jsonl_glob=path, overwrite=True))
+    assert "20 of 200 JSONL lines" in message and "more than the 2 allowed (1% of its lines)" in message
+    assert f"{path}:1 (not JSON" in message and f"{path}:41 (not JSON" in message and "max_bad_lines" in message
+    corpus = data.register_corpus("jsonlbad3", jsonl_glob=path, max_bad_lines=20, overwrite=True)
+    assert len(list(corpus.iter_documents("train"))) == 180
+    wrong_field = data.register_corpus("jsonlbad4", jsonl_glob=path, text_field="body", max_bad_lines=20,
+                                       overwrite=True)
+    assert "no 'body' field" in _first_error(wrong_field)
+
+
+def test_inspection_agrees_with_the_python_mirror(write_file):
+    lines = [json.dumps({"text": "alpha"}).encode(), b"", b"[1, 2]", b'{"text": "bad \xff byte"}',
+             json.dumps({"text": "lone \ud800"}).encode(), json.dumps({"text": 5}).encode(), b"{oops"]
+    path = write_file("mirror.jsonl", b"\n".join(lines))
+    record = documents.inspect_file(path, "jsonl")
+    counts = documents.scan_file(path, "jsonl")
+    assert (record["bad_records"], record["invalid_lines"]) == (counts["bad_records"], counts["invalid_utf8"])
+    assert record["bad_at"] == [[3, "not a JSON object but list"], [6, "'text' is not a string"],
+                                [7, "not JSON: Expecting property name enclosed in double quotes"]]
+    assert (record["records"], record["lines"], record["invalid_at"]) == (6, 7, [4, 5])
 
 
 def test_long_documents_are_chunked(write_file):

@@ -1,4 +1,5 @@
-"""Checkpointer: round trips, retention, interval saves, corrupt and unfinished steps, other meshes."""
+"""Checkpointer: round trips, retention, interval saves, corrupt and unfinished steps, other meshes;
+integrity manifests, NaN checks, disk full, another model config, and the CLI falling back."""
 
 import glob
 import json
@@ -7,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import flax.struct
 import jax
@@ -141,13 +143,20 @@ def test_unfinished_tmp_directory_is_ignored_and_kept(tmp_path, caplog):
     assert "3.orbax-checkpoint-tmp" in caplog.text and tmp.is_dir()
 
 
-def test_target_mismatch_raises_and_moves_nothing(tmp_path):
+def test_target_mismatch_raises_one_line_and_moves_nothing(tmp_path):
     with Checkpointer(tmp_path, save_interval_steps=1, async_save=False) as ckpt:
         save_steps(ckpt, [1, 2])
         wrong = TARGET.replace(params={"dense": {"kernel": jax.ShapeDtypeStruct((5, 3), np.float32),
                                                  "bias": jax.ShapeDtypeStruct((3,), np.float32)}})
-        with pytest.raises(CheckpointError, match="no checkpoint .* restores onto the given state"):
+        with pytest.raises(CheckpointError) as info:
             ckpt.restore_latest(wrong)
+        assert str(info.value) == (f"checkpoint step 2 in {tmp_path} has parameter dense/kernel of shape (4, 3), "
+                                   "the model expects (5, 3): it was written by another model config; use a new "
+                                   "MODEL_DIR or the matching gin files")
+        renamed = TARGET.replace(params={"dense": {"weight": TARGET.params["dense"]["kernel"],
+                                                   "bias": TARGET.params["dense"]["bias"]}})
+        with pytest.raises(CheckpointError, match="has no parameter dense/weight .*another model config"):
+            ckpt.restore_latest(renamed)
     assert sorted(os.listdir(tmp_path)) == ["1", "2"]
 
 
@@ -277,3 +286,279 @@ def test_two_hosts_keep_their_own_data_state(tmp_path):
         assert f"HOST {i} OK" in out, out[-2000:] + err[-5000:]
     with open(tmp_path / "ckpt" / "1" / "data_state" / "metadata") as f:  # one JSON, written by process 0
         assert json.load(f) == {"process_0": {"host": 0, "batches": 10}, "process_1": {"host": 1, "batches": 11}}
+
+
+# --- integrity: manifests, byte flips, NaN, explicit steps, unverified steps --------------------
+
+def step_files(step_dir):
+    return sorted(os.path.relpath(f, step_dir) for f in glob.glob(os.path.join(step_dir, "**"), recursive=True)
+                  if os.path.isfile(f) and os.path.basename(f) != checkpointing.MANIFEST)
+
+
+def random_params(model, seed):
+    """Params of `model`'s shapes without running its init (fast)."""
+    from t5x_like.training.train_state import abstract_params
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda a: rng.standard_normal(a.shape).astype(a.dtype), abstract_params(model))
+
+
+def flip_bytes(step_dir):
+    """Invert 4 bytes in the middle of the step's largest file: same size, different content."""
+    largest = max((os.path.join(step_dir, f) for f in step_files(step_dir)), key=os.path.getsize)
+    size = os.path.getsize(largest)
+    with open(largest, "r+b") as f:
+        f.seek(size // 2)
+        chunk = f.read(4)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    return largest
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_manifest_lists_every_file_with_size_and_sha256(tmp_path, async_save):
+    import hashlib
+    with Checkpointer(tmp_path, save_interval_steps=1, async_save=async_save) as ckpt:
+        assert ckpt.save(1, make_state(1), data_state={"batches": 1}, metrics={"perplexity": 3.0})
+        if async_save:  # written by a background thread right after Orbax's commit, without waiting
+            manifest_path = tmp_path / "1" / checkpointing.MANIFEST
+            for _ in range(600):
+                if manifest_path.exists():
+                    break
+                time.sleep(0.05)
+        ckpt.wait_until_finished()
+        assert ckpt.latest_verified_step() == 1
+    with open(tmp_path / "1" / checkpointing.MANIFEST) as f:
+        manifest = json.load(f)
+    assert manifest["format"] == 1 and manifest["step"] == 1 and manifest["algorithm"] == "sha256"
+    assert sorted(manifest["files"]) == step_files(tmp_path / "1") and len(manifest["files"]) > 5
+    for rel, entry in manifest["files"].items():
+        data = (tmp_path / "1" / rel).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert not [n for n in os.listdir(tmp_path / "1") if n.endswith(".tmp")]
+    assert checkpointing.verify_step(str(tmp_path), 1) is True
+
+
+def test_byte_flipped_latest_falls_back_to_the_previous_step(tmp_path, caplog):
+    with Checkpointer(tmp_path, save_interval_steps=1, async_save=False) as ckpt:
+        save_steps(ckpt, [1, 2, 3])
+    flip_bytes(tmp_path / "3")
+    with pytest.raises(checkpointing.CorruptCheckpointError, match="does not match its sha256"):
+        checkpointing.verify_step(str(tmp_path), 3)
+    with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+        assert ckpt.latest_verified_step() == 2
+        with caplog.at_level(logging.WARNING, logger=checkpointing.__name__):
+            restored = ckpt.restore_latest(TARGET)
+        assert restored.step == 2 and restored.data_state == {"batches": 2}
+        assert_state_equal(restored.state, make_state(2, scale=2))
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert any("checkpoint step 3" in w and "checksum" in w for w in warnings), warnings
+        (moved,) = glob.glob(str(tmp_path / "corrupt" / "3-*"))
+        assert ckpt.all_steps() == [1, 2]
+        assert ckpt.save(3, make_state(3), force=True)
+        ckpt.wait_until_finished()
+        assert ckpt.latest_verified_step() == 3
+
+
+def test_byte_flipped_latest_eval_path_falls_back_and_moves_nothing(tmp_path, caplog):
+    from t5x_like.models import DecoderOnlyConfig, DecoderOnlyModel
+    model = DecoderOnlyModel(DecoderOnlyConfig(vocab_size=64, d_model=16, num_heads=2, head_dim=8, mlp_dim=32,
+                                               num_layers=1))
+    saved = {s: random_params(model, s) for s in (1, 2)}
+    with Checkpointer(tmp_path, save_interval_steps=1, async_save=False) as ckpt:
+        for s, params in saved.items():
+            ckpt.save(s, {"step": np.int32(s), "params": params})
+    flip_bytes(tmp_path / "2")
+    with caplog.at_level(logging.WARNING, logger=checkpointing.__name__):
+        got = checkpointing.restore_model_params(tmp_path, model)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, saved[1])
+    assert "checkpoint step 2" in caplog.text and "corrupt" in caplog.text and "using checkpoint step 1" in caplog.text
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]  # a reader never moves anything
+    with pytest.raises(CheckpointError, match=r"checkpoint step 2 in .* is corrupt \(file .*checksum\); request "
+                                              r"another step \(found \[1\]\)"):
+        checkpointing.restore_model_params(tmp_path, model, step=2)
+
+
+def test_explicit_corrupt_step_raises(tmp_path):
+    with Checkpointer(tmp_path, save_interval_steps=1, async_save=False) as ckpt:
+        save_steps(ckpt, [1, 2, 3])
+    flip_bytes(tmp_path / "3")
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(CheckpointError, match="checkpoint step 3 in .* is corrupt"):
+            ckpt.restore(3, TARGET)
+        assert_state_equal(ckpt.restore(2, TARGET).state, make_state(2, scale=2))
+    with pytest.raises(CheckpointError, match="checkpoint step 3 in .* is corrupt"):
+        checkpointing.restore_params(tmp_path, step=3)
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "3"]
+
+
+def test_nan_poisoned_param_is_rejected(tmp_path, caplog):
+    poisoned = make_state(2, scale=2)
+    poisoned.params["dense"]["kernel"][1, 2] = np.nan
+    with Checkpointer(tmp_path, save_interval_steps=1, async_save=False) as ckpt:
+        save_steps(ckpt, [1])
+        ckpt.save(2, poisoned, data_state={"batches": 2})
+        assert checkpointing.verify_step(str(tmp_path), 2)  # its files are as written: only the values are bad
+    with pytest.raises(CheckpointError, match=r"step 2 .*params\['dense'\]\['kernel'\] holds NaN or Inf"):
+        checkpointing.restore_params(tmp_path, step=2)
+    np.testing.assert_array_equal(checkpointing.restore_params(tmp_path)["dense"]["kernel"],
+                                  make_state(1).params["dense"]["kernel"])
+    with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+        with caplog.at_level(logging.WARNING, logger=checkpointing.__name__):
+            restored = ckpt.restore_latest(TARGET)
+        assert restored.step == 1 and "NaN or Inf" in caplog.text
+        assert ckpt.all_steps() == [1] and glob.glob(str(tmp_path / "corrupt" / "2-*"))
+
+
+def test_unverified_steps_are_used_only_without_a_verified_one(tmp_path, caplog):
+    with Checkpointer(tmp_path, save_interval_steps=1, async_save=False) as ckpt:
+        save_steps(ckpt, [1, 2, 3])
+    os.remove(tmp_path / "3" / checkpointing.MANIFEST)  # killed between Orbax's commit and the manifest
+    with caplog.at_level(logging.WARNING, logger=checkpointing.__name__):
+        np.testing.assert_array_equal(checkpointing.restore_params(tmp_path)["dense"]["kernel"],
+                                      make_state(2, scale=2).params["dense"]["kernel"])
+    assert "have no manifest" in caplog.text and sorted(os.listdir(tmp_path)) == ["1", "2", "3"]
+    with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+        assert ckpt.latest_verified_step() == 2
+        assert ckpt.restore_latest(TARGET).step == 2
+        assert ckpt.all_steps() == [1, 2] and glob.glob(str(tmp_path / "corrupt" / "3-*"))
+    # Checkpoints written before manifests existed: the newest is used, with a warning.
+    for s in (1, 2):
+        os.remove(tmp_path / str(s) / checkpointing.MANIFEST)
+    caplog.clear()
+    with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+        with caplog.at_level(logging.WARNING, logger=checkpointing.__name__):
+            restored = ckpt.restore_latest(TARGET)
+        assert restored.step == 2 and "has no manifest" in caplog.text
+        assert ckpt.latest_verified_step() is None and ckpt.all_steps() == [1, 2]
+        assert_state_equal(restored.state, make_state(2, scale=2))
+
+
+# --- disk full ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_disk_full_mid_save_is_one_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capfd, async_save):
+    import errno
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    async def no_space(self, x, directory):  # the JSON items fail while the arrays are being written
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with Checkpointer(tmp_path, save_interval_steps=1, async_save=async_save) as ckpt:
+        save_steps(ckpt, [1])
+        monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", no_space)
+        with pytest.raises(CheckpointError) as info:
+            ckpt.save(2, make_state(2, scale=2), data_state={"batches": 2})
+            ckpt.wait_until_finished()
+        assert "\n" not in str(info.value)
+        assert str(info.value).startswith(f"disk full: saving checkpoint step 2 to {tmp_path} failed")
+        assert "earlier checkpoints [1] are untouched" in str(info.value)
+        assert sorted(os.listdir(tmp_path)) == ["1"]  # no *.orbax-checkpoint-tmp left
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "No space left" not in err, err[-3000:]
+    monkeypatch.undo()
+    with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+        assert ckpt.latest_verified_step() == 1
+        restored = ckpt.restore_latest(TARGET)
+    assert restored.step == 1
+    assert_state_equal(restored.state, make_state(1, scale=1))
+
+
+def test_free_space_is_checked_before_each_save(tmp_path, monkeypatch):
+    import collections
+    import shutil
+    with Checkpointer(tmp_path, save_interval_steps=1, async_save=False) as ckpt:
+        save_steps(ckpt, [1])
+        size = sum(os.path.getsize(tmp_path / "1" / f) for f in step_files(tmp_path / "1"))
+        usage = collections.namedtuple("usage", "total used free")
+        asked = []
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: asked.append(p) or usage(10**9, 10**9 - 1000, 1000))
+        with pytest.raises(CheckpointError) as info:
+            ckpt.save(2, make_state(2))
+        assert str(info.value).startswith(f"not enough disk space to save checkpoint step 2 in {tmp_path}: "
+                                          f"1,000 bytes free, {size:,} needed")
+        assert asked == [str(tmp_path)] and sorted(os.listdir(tmp_path)) == ["1"]
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 0, 10**9))
+        assert ckpt.save(2, make_state(2))
+
+
+# --- another model config -----------------------------------------------------------------------
+
+def test_another_model_size_is_one_line_without_orbax_noise(tmp_path, capfd):
+    from t5x_like.models import DecoderOnlyConfig, DecoderOnlyModel
+    from t5x_like.training.train_state import abstract_params
+
+    def model(d_model):
+        return DecoderOnlyModel(DecoderOnlyConfig(vocab_size=64, d_model=d_model, num_heads=2, head_dim=8,
+                                                  mlp_dim=32, num_layers=2))
+    params = random_params(model(16), 0)
+    checkpointing.save_params(tmp_path / "import", 0, params)
+    with Checkpointer(tmp_path / "run", save_interval_steps=1, async_save=False) as ckpt:
+        ckpt.save(1, {"step": np.int32(1), "params": params})
+    for restore in (lambda: checkpointing.restore_model_params(tmp_path / "import", model(32)),
+                    lambda: checkpointing.restore_model_params(tmp_path / "run", model(32)),
+                    lambda: Checkpointer(tmp_path / "run").restore_latest(
+                        {"step": jax.ShapeDtypeStruct((), np.int32), "params": abstract_params(model(32))})):
+        with pytest.raises(CheckpointError) as info:
+            restore()
+        message = str(info.value)
+        assert "\n" not in message and " has parameter " in message and "the model expects" in message, message
+        assert "(16,)" in message and "(32,)" in message and "another model config" in message
+    assert sorted(os.listdir(tmp_path / "run")) == ["1"]
+    err = capfd.readouterr().err
+    assert "Event loop is closed" not in err and "Traceback" not in err, err[-3000:]
+
+
+# --- end to end through the CLI -----------------------------------------------------------------
+
+TINY_RUN_GIN = os.path.join(REPO, "tests", "tiny_lm_run.gin")
+TINY_MODEL = ["--gin.DecoderOnlyConfig.num_layers=2", "--gin.DecoderOnlyConfig.vocab_size=384",
+              "--gin.DecoderOnlyConfig.d_model=64", "--gin.DecoderOnlyConfig.head_dim=16",
+              "--gin.DecoderOnlyConfig.mlp_dim=128"]
+
+
+@pytest.mark.slow
+def test_cli_byte_flipped_latest_checkpoint_eval_and_train_fall_back(tmp_path, capsys, caplog):
+    from t5x_like import main
+    run = tmp_path / "run"
+    train = ["train", f"--gin_file={TINY_RUN_GIN}", f"--gin.MODEL_DIR='{run}'", "--gin.TRAIN_STEPS=4",
+             "--gin.train.checkpoint_every=2"]
+    evaluate = ["eval", "--gin_file=models/llama_tiny.gin", "--gin_file=runs/eval.gin", f"--gin.CHECKPOINT_DIR='{run}'",
+                "--gin.MIXTURE_OR_TASK_NAME='embedded_lm_byte'", "--gin.TASK_FEATURE_LENGTHS={'targets': 64}",
+                "--gin.BATCH_SIZE=8", "--gin.EVAL_BATCHES=2", *TINY_MODEL]
+
+    def perplexity(args):
+        capsys.readouterr()
+        assert main.main(args) == 0
+        line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("validation embedded_lm_byte")][0]
+        return float(line.split("perplexity=")[1].split()[0])
+
+    assert main.main(train) == 0
+    ckpts = run / "checkpoints"
+    assert 2 in Checkpointer(ckpts).all_steps() and checkpointing.verify_step(str(ckpts), 4)
+    expected = perplexity([*evaluate, "--gin.evaluate.step=2"])
+    flip_bytes(ckpts / "4")
+
+    with caplog.at_level(logging.INFO):
+        got = perplexity(evaluate)
+        assert np.isfinite(got) and got == expected
+        assert "checkpoint step 4" in caplog.text and "using checkpoint step 2" in caplog.text
+        assert "4" in os.listdir(ckpts)  # eval moves nothing
+        capsys.readouterr()
+        assert main.main([*evaluate, "--gin.evaluate.step=4"]) == 2
+        assert "checkpoint step 4 in" in capsys.readouterr().err
+
+        caplog.clear()
+        assert main.main(train) == 0
+        assert f"resumed from {ckpts} step 2" in caplog.text
+    assert glob.glob(str(ckpts / "corrupt" / "4-*"))
+    assert checkpointing.verify_step(str(ckpts), 4)  # step 4 trained and saved again
+
+    # Resuming with another model size: one error line, none of Orbax's asyncio noise.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.run([sys.executable, "-m", "t5x_like.main", *train, "--gin.TRAIN_STEPS=6",
+                           "--gin.DecoderOnlyConfig.d_model=32"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "has parameter" in errors[0] and "the model expects (32,)" in errors[0], errors
+    assert "Event loop is closed" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -189,3 +189,83 @@ def test_finetune_starts_from_another_runs_params(tmp_path):
     assert fine[1]["loss"] < 0.8 * fresh[1]["loss"]
     assert abs(fine[1]["loss"] - pre[30]["loss"]) < 0.25 * pre[30]["loss"]
     assert sorted(int(s) for s in os.listdir(tmp_path / "fine" / "checkpoints") if s.isdigit())[-1] == 2
+
+
+def train_rows(run_dir):
+    """Every train record of metrics.jsonl in file order, repeats included."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == "train"]
+
+
+def committed_steps(run_dir):
+    return sorted(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")) if s.isdigit())
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_logs_each_step_once(tmp_path):
+    every10 = ["--gin.train.checkpoint_every=10"]
+    proc = start_cli(cli_args(tmp_path, steps=30, extra=every10))
+    # Kill a few steps past the checkpoint of step 10, well before the next one (step 20).
+    wait_for(lambda: os.path.isdir(tmp_path / "checkpoints" / "10") and max(logged_steps(tmp_path), default=0) >= 13,
+             proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    last_checkpoint, last_logged = max(committed_steps(tmp_path)), max(logged_steps(tmp_path))
+    assert last_checkpoint < last_logged < 30, (last_checkpoint, last_logged)  # steps to be logged again
+    resumed = run_cli(cli_args(tmp_path, steps=30, extra=every10))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in train_rows(tmp_path)] == list(range(1, 31))
+
+
+@pytest.mark.slow
+def test_two_trains_on_one_dir_the_second_fails_in_one_line(tmp_path):
+    shared, solo = tmp_path / "shared", tmp_path / "solo"
+    first = start_cli(cli_args(shared, steps=40))
+    try:
+        wait_for(lambda: os.path.exists(shared / ".lock") and (shared / ".lock").read_text().strip(), first)
+        second = run_cli(cli_args(shared, steps=40))
+        assert first.poll() is None, "the first run ended before the second started; lengthen it"
+        assert second.returncode == 2, second.stderr[-3000:]
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert f"pid {first.pid} on host " in errors[0] and " since " in errors[0] and str(shared) in errors[0]
+        _, err = first.communicate(timeout=900)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 0, err[-3000:]
+    assert run_cli(cli_args(solo, steps=40)).returncode == 0
+    a, b = train_rows(shared), train_rows(solo)
+    assert [r["step"] for r in a] == list(range(1, 41))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    for x, y in zip(jax.tree_util.tree_leaves(final_params(shared)), jax.tree_util.tree_leaves(final_params(solo))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert (shared / ".lock").read_text() == ""
+
+
+@pytest.mark.slow
+def test_every_process_of_a_multi_host_run_stops_on_a_locked_dir(tmp_path):
+    import socket
+
+    from t5x_like.training.run_lock import RunLock
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    args = cli_args(tmp_path, steps=4) + ["--gin.create_mesh.data=2", "--gin.create_mesh.fsdp=4",
+                                          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+    with RunLock(tmp_path):
+        procs = [subprocess.Popen(args + [f"--process_id={i}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+        try:
+            errs = [p.communicate(timeout=300)[1] for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+    for i, (p, err) in enumerate(zip(procs, errs)):
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert p.returncode == 2 and len(lines) == 1, (i, err[-3000:])
+        assert (f"pid {os.getpid()} on host" if i == 0 else "process 0 could not lock") in lines[0]
+    assert not os.path.exists(tmp_path / "checkpoints") and not os.path.exists(tmp_path / "metrics.jsonl")
