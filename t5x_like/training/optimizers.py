@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from t5x_like.errors import UserError
+
 Schedule = Callable[[jax.Array], jax.Array]
 
 
@@ -29,6 +31,15 @@ class Optimizer(NamedTuple):
 
 
 @gin.configurable
+class OptimizerConfigError(UserError):
+    """A schedule setting that cannot work; the message names the binding and the fix."""
+
+
+def _check_steps(name: str, value, minimum: int, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise OptimizerConfigError(f"{name}={value!r} must be an integer >= {minimum}{hint}")
+
+
 def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000) -> Schedule:
     """base / sqrt(max(step, warmup)): constant for `warmup_steps`, then 1/sqrt decay.
 
@@ -78,6 +89,8 @@ def adafactor(base_learning_rate: float = 1.0, warmup_steps: int = 10_000, *, de
               max_grad_norm: Optional[float] = None, schedule: Optional[Schedule] = None) -> Optimizer:
     """T5 Adafactor: factored second moments, beta2 = 1 - t^-0.8, no momentum, update clipping at
     RMS 1.0, step sizes relative to each parameter's RMS, and the rsqrt schedule by default."""
+    if schedule is None:
+        _check_steps("adafactor.warmup_steps", warmup_steps, 1, " (the rsqrt schedule divides by its square root)")
     schedule = schedule or rsqrt_schedule(base_learning_rate, warmup_steps)
     tx = optax.adafactor(
         learning_rate=schedule, min_dim_size_to_factor=min_dim_size_to_factor, decay_rate=decay_rate,
@@ -95,6 +108,11 @@ def adamw(peak_learning_rate: float = 3e-4, warmup_steps: int = 1_000, decay_ste
     """AdamW with linear warmup then cosine decay to `end_learning_rate` at `decay_steps` (a total
     that includes the warmup; bind it to TRAIN_STEPS). optax scales the decoupled weight decay by
     the learning rate, so decay follows the schedule."""
+    if schedule is None:
+        _check_steps("adamw.warmup_steps", warmup_steps, 0, "")
+        _check_steps("adamw.decay_steps", decay_steps, warmup_steps + 1,
+                     f" (adamw.warmup_steps + 1; it is TRAIN_STEPS in optimizers/adamw.gin): train for more "
+                     "steps than the warmup, or lower --gin.adamw.warmup_steps")
     schedule = schedule or optax.warmup_cosine_decay_schedule(
         init_learning_rate, peak_learning_rate, warmup_steps, decay_steps, end_learning_rate)
     tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
