@@ -101,3 +101,22 @@ def test_evaluation_and_models_do_not_import_training():
                      or p.name == "evaluation.py")
                  and any(t.startswith("t5x_like.training") for t in _imports(p))]
     assert not offenders, offenders
+
+
+# The levels of docs/architecture.md, lowest first: a module imports only from its own level or lower ones.
+LEVELS = ("errors", "layers", "objectives", "models", "data", "partitioning", "gin_config", "evaluation", "training",
+          "inference", "interop", "sweep", "runtime", ("main", "demo"))
+
+
+def test_levels_follow_the_architecture_doc():
+    rank = {name: i for i, level in enumerate(LEVELS) for name in (level if isinstance(level, tuple) else (level,))}
+    upward = []
+    for path in _sources():
+        rel = path.relative_to(PACKAGE).with_suffix("").parts
+        if rel[0] not in rank:
+            continue
+        for target in _imports(path):
+            parts = target.split(".")
+            if len(parts) > 1 and parts[1] in rank and rank[parts[1]] > rank[rel[0]]:
+                upward.append(f"{'/'.join(rel)} -> {target}")
+    assert not upward, "upward imports (see docs/architecture.md, Levels):\n" + "\n".join(sorted(set(upward)))
