@@ -20,6 +20,7 @@ import seqio
 from t5x_like import partitioning
 from t5x_like.data import iterators as data_iterators
 from t5x_like.data import tasks as tasks_lib
+from t5x_like.errors import UserError
 from t5x_like.objectives import EVAL_SUM_KEYS, summarize
 
 
@@ -112,7 +113,7 @@ class Evaluator:
                     for k in sums:
                         sums[k] += float(out[k])
                 if sums["tokens"] == 0:
-                    raise ValueError(f"evaluation of {task!r} split {self.split!r} saw no target tokens; "
+                    raise UserError(f"evaluation of {task!r} split {self.split!r} saw no target tokens; "
                                      "the split holds no text for this objective")
                 results[task] = summarize(sums)
                 for k in pooled:

@@ -9,6 +9,7 @@ import pytest
 
 from t5x_like import gin_config, main
 from t5x_like.interop import hf
+from t5x_like.runtime import quiet_startup
 from t5x_like.training import checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +100,7 @@ def test_verbose_shows_start_up_logging():
 @pytest.mark.slow
 def test_quiet_start_up_keeps_python_warnings():
     """Silencing TensorFlow's import leaves Python warnings (and the project's log warnings) alone."""
-    code = ("import logging, warnings; from t5x_like import main; main.quiet_startup(); import tensorflow; "
+    code = ("import logging, warnings; from t5x_like.runtime import quiet_startup; quiet_startup.quiet_startup(); import tensorflow; "
             "warnings.warn('a project warning'); logging.getLogger('t5x_like.x').warning('a project log line')")
     env = dict(os.environ)
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
@@ -115,10 +116,10 @@ def test_quiet_start_up_hides_orbax_shutdown_noise():
     are not printed; others still are."""
     import types
 
-    main.quiet_startup()
-    assert isinstance(sys.unraisablehook, main.QuietUnraisableHook)
+    quiet_startup.quiet_startup()
+    assert isinstance(sys.unraisablehook, quiet_startup.QuietUnraisableHook)
     seen = []
-    hook = main.QuietUnraisableHook(seen.append)
+    hook = quiet_startup.QuietUnraisableHook(seen.append)
     orbax_code = types.SimpleNamespace(co_filename=os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "x.py"))
     hook(types.SimpleNamespace(object=types.SimpleNamespace(cr_code=orbax_code), exc_traceback=None))
     other = types.SimpleNamespace(object=None, exc_traceback=None)
@@ -131,6 +132,6 @@ def test_orbax_chatter_filter_keeps_errors_and_other_loggers():
 
     orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "checkpoint_manager.py")
     record = lambda level, path: logging.LogRecord("absl", level, path, 1, "msg", None, None)  # noqa: E731
-    keep = main.OrbaxChatterFilter().filter
+    keep = quiet_startup.OrbaxChatterFilter().filter
     assert not keep(record(logging.WARNING, orbax_file)) and not keep(record(logging.INFO, orbax_file))
     assert keep(record(logging.ERROR, orbax_file)) and keep(record(logging.WARNING, "/work/t5x_like/x.py"))
