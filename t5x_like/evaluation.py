@@ -93,7 +93,7 @@ class Evaluator:
     def _batches(self, task: str):
         ds = data_iterators.get_dataset(task, self.lengths, split=self.split, batch_size=self.host_batch,
                                         shuffle=False, seed=self.seed, num_epochs=1, objective=self.objective,
-                                        drop_remainder=False)
+                                        drop_remainder=False, model=self.model)
         if self.max_batches is not None:
             ds = ds.take(self.max_batches)
         batches = ds.as_numpy_iterator()
@@ -103,21 +103,23 @@ class Evaluator:
             yield partitioning.to_global_batch(batch, self.mesh)
 
     def evaluate(self, params) -> dict[str, dict]:
-        """{task: {nll, perplexity, accuracy, tokens}}, plus "all" pooling every task's tokens."""
-        results, pooled = {}, dict.fromkeys(EVAL_SUM_KEYS, 0.0)
+        """{task: {nll, perplexity, accuracy, tokens}}, plus "all" pooling every task's tokens. Every
+        sum the model's `eval_sums` returns is added up and summarized (objectives/metrics.py), so a
+        model may report more (a regression head: squared error)."""
+        results, pooled = {}, {}
         with partitioning.activation_context(self.mesh):
             for task in self.tasks:
-                sums = dict.fromkeys(EVAL_SUM_KEYS, 0.0)
+                sums = {}
                 for batch in self._batches(task):
                     out = jax.device_get(self._step(params, batch))
-                    for k in sums:
-                        sums[k] += float(out[k])
-                if sums["tokens"] == 0:
+                    for k, v in out.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                if sums.get("tokens", 0.0) == 0:
                     raise UserError(f"evaluation of {task!r} split {self.split!r} saw no target tokens; "
                                      "the split holds no text for this objective")
                 results[task] = summarize(sums)
-                for k in pooled:
-                    pooled[k] += sums[k]
+                for k, v in sums.items():
+                    pooled[k] = pooled.get(k, 0.0) + v
         if len(self.tasks) > 1:
             results["all"] = summarize(pooled)
         return results
@@ -134,7 +136,7 @@ def unigram_baseline(model, mixture_or_task_name: str, task_feature_lengths: Map
     counts = np.zeros(vocab, np.float64)
     train = data_iterators.get_dataset(mixture_or_task_name, task_feature_lengths, split="train",
                                        batch_size=batch_size, shuffle=False, seed=seed, num_epochs=1,
-                                       drop_remainder=False)
+                                       drop_remainder=False, model=model)
     for batch in train.take(train_batches).as_numpy_iterator():
         targets, weights = model.targets_and_weights(batch)
         np.add.at(counts, np.asarray(targets)[np.asarray(weights) > 0], 1)
@@ -147,7 +149,7 @@ def unigram_baseline(model, mixture_or_task_name: str, task_feature_lengths: Map
     for task in task_names_of(mixture_or_task_name):
         ds = data_iterators.get_dataset(task, task_feature_lengths, split="validation", batch_size=batch_size,
                                         shuffle=False, seed=seed, num_epochs=1, objective=objective,
-                                        drop_remainder=False)
+                                        drop_remainder=False, model=model)
         if eval_batches is not None:
             ds = ds.take(eval_batches)
         for batch in ds.as_numpy_iterator():
@@ -171,15 +173,25 @@ def check_task(mixture_or_task_name: str) -> None:
 @gin.configurable
 def text_file_task(path: str = gin.REQUIRED, vocabulary: str = "byte", objective: str = "lm",
                    documents: str = "line", text_field: str = "text", on_bad_text: str = "error",
-                   max_bad_lines: Optional[int] = None) -> str:
+                   max_bad_lines: Optional[int] = None, bos="auto") -> str:
     """Register a throwaway corpus whose validation split is the whole file; return its task name.
 
     Lets `eval` read a text or JSONL file named on the command line (gin/runs/eval_text.gin)
-    without registering anything by hand. `vocabulary` is a registered name ("byte", "spm") or a
-    SentencePiece .model file (e.g. the spiece.model that came with a Hugging Face checkpoint).
+    without registering anything by hand. `vocabulary` is a registered name ("byte", "spm"), a
+    tokenizer file (a SentencePiece .model such as the spiece.model / tokenizer.model that came with
+    a Hugging Face checkpoint, or a tokenizer.json) or a folder holding one (`import_hf`'s output).
     The file is checked as any corpus file (`corpus.register_corpus`): binary or non-UTF-8 text is
     refused unless `on_bad_text="replace"`, and JSONL lines without the text field fail the read
     above `max_bad_lines` (default 1% of the lines), e.g. --gin.text_file_task.on_bad_text="'replace'".
+
+    `bos` (objective "lm"): "auto" uses the tokenizer's BOS when its `tokenizer(text)` adds one
+    (Llama: 1); an int forces one; None never. With a BOS, every document (line) is its own row,
+    [BOS] + its tokens (+ EOS only if the tokenizer appends one, which Llama's and GPT-2's do not),
+    and every token after the BOS is predicted: exactly transformers' perplexity
+    `exp(model(ids, labels=ids).loss)` with `ids = tokenizer(line)`, pooled over the file's tokens
+    (a line longer than the targets length is cut into pieces, each read from a fresh BOS). Without
+    one (this project's vocabularies, GPT-2), documents are joined into one stream, each followed
+    by EOS, in rows that start from id 0, as the `lm` tasks are trained.
     """
     from t5x_like.data import corpus as corpus_lib
     from t5x_like.data import vocabularies as vocab_lib
@@ -193,6 +205,13 @@ def text_file_task(path: str = gin.REQUIRED, vocabulary: str = "byte", objective
     extra = {"text_field": text_field} if kind == "jsonl_glob" else {"documents": documents}
     corpus_lib.register_corpus(name, **{kind: {"validation": [os.path.abspath(path)]}}, overwrite=True,
                                on_bad_text=on_bad_text, max_bad_lines=max_bad_lines, **extra)
+    vocab = vocab_lib.get_vocabulary(vocab_name)
+    if bos == "auto":
+        bos = vocab_lib.leading_bos_id(vocab)
+    elif bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or not 0 <= bos < vocab.vocab_size):
+        raise UserError(f"text_file_task.bos={bos!r} must be 'auto', None or a token id in [0, {vocab.vocab_size})")
+    if objective == "lm" and bos is not None:
+        return tasks_lib.register_document_lm_task(name, vocab_name, bos, add_eos=vocab_lib.appends_eos(vocab))
     return tasks_lib.task_name(name, objective, vocab_name)
 
 

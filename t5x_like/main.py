@@ -11,6 +11,8 @@ Modes:
              (gin/runs/infer.gin: greedy, sampling or beam search with a KV cache); JSONL out
   score      --input=FILE|- [--output=FILE.jsonl]: log-likelihood of (input, target) pairs (JSONL records
              or input<TAB>target lines) under a checkpoint (gin/runs/score.gin); JSONL out
+  infer_eval generate-and-score evaluation of a checkpoint (gin/runs/infer_eval.gin): decode a seqio task's
+             split, score it with the task's metric_fns; predictions JSONL and metrics in --output_dir
   precompile ahead-of-time compile the train step for a model on a mesh of NUM_FAKE_DEVICES fake CPU
              devices with abstract arrays (gin/runs/precompile.gin); print per-device memory and FLOPs
   sweep      --spec=configs/NAME.yaml [--storage=URL] [--sweep_dir=DIR] [--report_only]: run one worker of
@@ -35,7 +37,7 @@ import sys
 from t5x_like.errors import UserError
 from t5x_like.runtime import quiet_startup
 
-MODES = ("train", "eval", "plot", "demo", "import_hf", "precompile", "infer", "score", "sweep")
+MODES = ("train", "eval", "plot", "demo", "import_hf", "precompile", "infer", "score", "infer_eval", "sweep")
 
 
 class UsageError(UserError):
@@ -55,7 +57,8 @@ def parse_args(argv):
                         help="show TensorFlow / absl / CUDA start-up logging and library shutdown noise")
     parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
     parser.add_argument("--hf_dir", help="import_hf: folder written by transformers' save_pretrained")
-    parser.add_argument("--output_dir", help="import_hf: where the checkpoint and model.gin go")
+    parser.add_argument("--output_dir", help="import_hf: where the checkpoint and model.gin go; infer_eval: where "
+                        "predictions and metrics go (the OUTPUT_DIR macro)")
     parser.add_argument("--run_dir", action="append", default=[], help="plot: a run's MODEL_DIR (repeatable)")
     parser.add_argument("--output", help="plot: the PNG to write; infer/score: the JSONL to write (default stdout)")
     parser.add_argument("--input", help="infer/score: prompts or pairs, text or JSONL ('-' = stdin)")
@@ -96,11 +99,15 @@ def import_hf(hf_dir: str, output_dir: str) -> None:
         f.write(gin_config.model_gin_text(model, f"Imported from Hugging Face checkpoint {os.path.abspath(hf_dir)}"))
     print(f"{type(model).__name__}: {model.num_params(variables):,} params")
     print(f"checkpoint: {step_dir}\ngin file:   {gin_file}")
-    for name in ("spiece.model", "tokenizer.model"):  # the SentencePiece model infer/score/eval can use
-        if os.path.isfile(os.path.join(hf_dir, name)):
-            import shutil
-            shutil.copy(os.path.join(hf_dir, name), os.path.join(output_dir, name))
-            print(f"tokenizer:  {os.path.join(output_dir, name)} (--gin.VOCABULARY=\"'{os.path.join(output_dir, name)}'\")")
+    # The tokenizer infer/score/eval read (VOCABULARY = a file, or the output folder: tokenizer.json first).
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "spiece.model", "tokenizer_config.json",
+                       "special_tokens_map.json")
+    copied = [name for name in tokenizer_files if os.path.isfile(os.path.join(hf_dir, name))]
+    for name in copied:
+        import shutil
+        shutil.copy(os.path.join(hf_dir, name), os.path.join(output_dir, name))
+    if set(copied) & set(tokenizer_files[:3]):
+        print(f"tokenizer:  {', '.join(copied)} in {output_dir} (--gin.VOCABULARY=\"'{output_dir}'\")")
 
 
 def run_gin_mode(mode: str, gin_files, bindings) -> None:
@@ -141,6 +148,24 @@ def run_inference_mode(mode: str, gin_files, bindings, input_path, output_path) 
     model = gin_config.model_from_gin()
     count = (inference.infer if mode == "infer" else inference.score)(input_path, output_path, model=model)
     print(f"{mode}: {count} records -> {output_path or 'stdout'}", file=sys.stderr)
+
+
+def run_infer_eval_mode(gin_files, bindings, output_dir) -> None:
+    import gin
+
+    from t5x_like import gin_config, inference
+
+    if not gin_files:
+        raise UsageError("infer_eval needs gin files, e.g. --gin_file=runs/infer_eval.gin "
+                         "--gin_file=CHECKPOINT/model.gin")
+    if output_dir:
+        bindings = [*bindings, f"OUTPUT_DIR = {os.path.abspath(output_dir)!r}"]
+    gin_config.parse(gin_files, bindings)
+    gin_config.check_required_macros()
+    model = gin_config.model_from_gin()
+    results = inference.infer_eval(model=model, gin_config_text=gin.config_str())
+    for task, values in results.items():
+        print(f"infer_eval {task}: " + " ".join(f"{k}={v:.4f}" for k, v in values.items()))
 
 
 # OSErrors about a path the user named: one line naming the path, not a traceback.
@@ -194,6 +219,8 @@ def run_mode(args, bindings) -> None:
         import_hf(args.hf_dir, args.output_dir)
     elif args.mode in ("infer", "score"):
         run_inference_mode(args.mode, args.gin_file, bindings, args.input, args.output)
+    elif args.mode == "infer_eval":
+        run_infer_eval_mode(args.gin_file, bindings, args.output_dir)
     elif args.mode == "precompile":
         from t5x_like.training import precompile
         precompile.run(args.gin_file, bindings)

@@ -42,6 +42,8 @@ DEFAULT_RULES = (
     ("relpos_buckets", None),
     ("abspos_buckets", None),
     ("token_types", None),
+    ("lora_rank", None),  # LoRA adapters' rank axis (layers/lora.py): small, replicated
+    ("classes", None),  # a classifier's output classes (models/encoder_classifier.py): few, replicated
 )
 
 

@@ -18,11 +18,13 @@ except RuntimeError:  # TF already initialised its devices; leave them as they a
 from t5x_like.data.corpus import (Corpus, CorpusError, corpus_names, get_corpus, register_corpora,
                                   register_corpus)
 from t5x_like.data.embedded import data_dir, embedded_corpus_dir, embedded_stats
+from t5x_like.data.instructions import InstructionError, register_instruction_task
 from t5x_like.data.iterators import DataIterator, get_dataset, get_iterator, host_shard_info
 from t5x_like.data.tasks import (OBJECTIVES, MaskedLMFeatureConverter, check_task_feature_lengths,
                                  default_task_feature_lengths, feature_converter_for,
                                  feature_converter_for_task, info, mixture_name, register_mixture,
                                  register_tasks, task_name, task_names)
+from t5x_like.data import docstring_task  # noqa: F401 (registers embedded_docstring_name_{vocabulary})
 from t5x_like.data.vocabularies import (VocabularyError, byte_vocabulary, get_vocabulary,
                                         register_vocabularies, register_vocabulary,
                                         sentencepiece_vocabulary, train_sentencepiece,

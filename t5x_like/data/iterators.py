@@ -36,7 +36,8 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
                 shard_info: Optional[seqio.ShardInfo] = None, pack: bool = True,
                 num_epochs: Optional[int] = None,
                 feature_converter: Optional[seqio.FeatureConverter] = None,
-                objective: Optional[str] = None, drop_remainder: bool = True) -> tf.data.Dataset:
+                objective: Optional[str] = None, drop_remainder: bool = True,
+                model=None) -> tf.data.Dataset:
     """tf.data of this host's batches (`batch_size` rows each) with the model's feature names.
 
     `num_epochs=None` repeats forever (training); use 1 for evaluation. Every batch has the same
@@ -44,22 +45,20 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
     `drop_remainder=False` (evaluation: every example counts exactly once), padded to `batch_size`
     with all-zero rows, which are padding (zero loss weights) to every model. The converter follows
     the task's objective unless `objective` (or a `feature_converter`) says otherwise, e.g. to read
-    the prefix_lm subtask of an encoder-decoder mixture as encoder-decoder batches.
+    the prefix_lm subtask of an encoder-decoder mixture as encoder-decoder batches. A task
+    registered with seqio directly (`seqio.TaskRegistry.add`) is read with `model`'s converter.
     """
     if not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an integer (got {seed!r}): without one the stream differs "
                          "between runs and hosts and cannot be resumed")
     if batch_size < 1:
         raise ValueError(f"batch_size (per host) must be >= 1, got {batch_size}")
-    if feature_converter is None or mixture_or_task_name in tasks_lib.task_names():
-        lengths = tasks_lib.check_task_feature_lengths(mixture_or_task_name, task_feature_lengths, objective)
-    else:  # a seqio task registered elsewhere, with the caller's converter
-        lengths = dict(task_feature_lengths)
+    lengths = tasks_lib.check_task_feature_lengths(mixture_or_task_name, task_feature_lengths, objective)
     provider = seqio.get_mixture_or_task(mixture_or_task_name)
     if split not in provider.splits:
-        raise ValueError(f"{mixture_or_task_name!r} has no split {split!r}; it has {list(provider.splits)}")
+        raise CorpusError(f"{mixture_or_task_name!r} has no split {split!r}; it has {list(provider.splits)}")
     converter = feature_converter or tasks_lib.feature_converter_for_task(mixture_or_task_name, pack,
-                                                                          objective)
+                                                                          objective, model)
     ds = seqio.get_dataset(
         mixture_or_task_name, task_feature_lengths=lengths, feature_converter=converter,
         dataset_split=split, shuffle=shuffle, num_epochs=num_epochs,
@@ -148,7 +147,7 @@ def get_iterator(mixture_or_task_name: str, task_feature_lengths: Mapping[str, i
                  split: str = "train", batch_size: int = 8, shuffle: bool = True, seed: int = 0,
                  shard_info: Optional[seqio.ShardInfo] = None, pack: bool = True,
                  num_epochs: Optional[int] = None, objective: Optional[str] = None,
-                 host_rows: Optional[tuple[int, int]] = None) -> DataIterator:
+                 host_rows: Optional[tuple[int, int]] = None, model=None) -> DataIterator:
     """A resumable iterator over `get_dataset(...)` (same arguments).
 
     `host_rows=(start, stop)`: instead of its own shard, this host reads the whole (unsharded)
@@ -165,6 +164,7 @@ def get_iterator(mixture_or_task_name: str, task_feature_lengths: Mapping[str, i
                   objective=objective)
     config = {**kwargs, "shard": [shard_info.index, shard_info.num_shards]}
     tasks_lib.check_task_feature_lengths(mixture_or_task_name, task_feature_lengths, objective)
+    kwargs["model"] = model  # picks the converter of a task registered with seqio directly
     if host_rows is None:
         return DataIterator(lambda: get_dataset(shard_info=shard_info, **kwargs), config)
     start, stop = (int(x) for x in host_rows)

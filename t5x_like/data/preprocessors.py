@@ -28,7 +28,7 @@ from t5x_like.data.span_corruption import (corrupt_chunk, max_inputs_length, noi
                                            span_corruption_lengths)
 
 __all__ = ["span_corruption", "span_corruption_lengths", "max_inputs_length", "next_token_lm",
-           "prefix_lm", "masked_lm"]
+           "document_lm", "prefix_lm", "masked_lm"]
 
 Lengths = Optional[Mapping[str, int]]
 Features = Mapping[str, Any]
@@ -125,6 +125,29 @@ def next_token_lm(dataset: tf.data.Dataset, sequence_length: Lengths,
     length = _length(sequence_length, "targets", "next_token_lm")
     eos = _eos_id(_vocabulary(output_features, "next_token_lm"))
     return _token_stream_chunks(dataset, length, eos).map(lambda chunk: {"targets": chunk})
+
+
+def document_lm(dataset: tf.data.Dataset, sequence_length: Lengths, output_features: Features,
+                add_eos: bool = False) -> tf.data.Dataset:
+    """Decoder-only LM, one document per row -> {"targets"}: as transformers scores a text.
+
+    Each non-empty document's tokens (then EOS if `add_eos`, i.e. when the tokenizer's own
+    `tokenizer(text)` appends one) are its own example, never joined to the next document; the
+    converter (`tasks.LengthWeightedLMFeatureConverter`) feeds the tokenizer's BOS in front, so a
+    row reads [BOS] + tokens and predicts every token. A document longer than
+    sequence_length["targets"] is cut into consecutive pieces of that length, each read from a fresh
+    BOS (every token is still predicted once, with less context than one long row would give).
+    """
+    length = _length(sequence_length, "targets", "document_lm")
+    eos = _eos_id(_vocabulary(output_features, "document_lm")) if add_eos else None
+
+    def doc_tokens(ex):
+        tokens = tf.cast(ex["targets"], tf.int32)
+        return tokens if eos is None else tf.concat([tokens, [eos]], axis=0)
+
+    docs = dataset.filter(lambda ex: tf.size(ex["targets"]) > 0).map(doc_tokens)
+    pieces = docs.flat_map(lambda tokens: tf.data.Dataset.from_tensor_slices(tokens).batch(length))
+    return pieces.map(lambda piece: {"targets": piece})
 
 
 # ------------------------------------------------------------------------------------ prefix LM

@@ -36,10 +36,12 @@ _FEATURES = {"span_corruption": ("inputs", "targets"), "lm": ("targets",),
 
 @dataclasses.dataclass(frozen=True)
 class TaskInfo:
-    """What a registered task or mixture is made of; the converter follows from `objective`."""
+    """What a registered task or mixture is made of; the converter follows from `objective` (and,
+    for an LM task read one document per row, `bos_id`: see `register_document_lm_task`)."""
     corpus: Optional[str]
     objective: str
     vocabulary: str
+    bos_id: Optional[int] = None
 
 
 _TASKS: dict[str, TaskInfo] = {}
@@ -55,14 +57,34 @@ def mixture_name(corpus: str, vocabulary: str) -> str:
     return f"{corpus}_mix_{vocabulary}"
 
 
+# A seqio task or mixture registered outside t5x_like.data (`seqio.TaskRegistry.add` in the user's
+# module, TFDS-backed, from files, ...): its examples are supervised (inputs, targets) pairs or plain
+# targets, and the model picks the feature converter (`BaseModel.feature_converter`), as in T5X.
+EXTERNAL = "external"
+
+
+def is_registered(name: str) -> bool:
+    return name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names()
+
+
 def info(name: str) -> TaskInfo:
-    """Corpus, objective and vocabulary of a task or mixture registered here."""
-    if name not in _TASKS:
-        known = sorted(_TASKS)
-        raise CorpusError(f"no task or mixture {name!r} registered by t5x_like.data; e.g. {known[:6]} "
-                          f"(all: t5x_like.data.task_names()). Register a corpus with register_corpus "
-                          "or a mixture with register_mixture")
-    return _TASKS[name]
+    """Corpus, objective and vocabulary of a task or mixture registered here; objective EXTERNAL
+    (no corpus, vocabulary from its features) for one registered with seqio directly."""
+    if name in _TASKS:
+        return _TASKS[name]
+    if is_registered(name):
+        return TaskInfo(None, EXTERNAL, "")
+    known = sorted(_TASKS)
+    raise CorpusError(f"no seqio task or mixture {name!r} is registered; e.g. {known[:6]} (all: "
+                      "t5x_like.data.task_names()). Register a corpus with register_corpus, a mixture with "
+                      "register_mixture, or your own task with seqio.TaskRegistry.add in a module your gin "
+                      "file imports")
+
+
+def output_features(name: str) -> tuple[str, ...]:
+    """The token features ("inputs", "targets") a task or mixture's examples carry."""
+    features = seqio.get_mixture_or_task(name).output_features
+    return tuple(k for k in ("inputs", "targets") if k in features)
 
 
 def task_names() -> list[str]:
@@ -103,6 +125,29 @@ def register_tasks(corpus_name: str, vocabulary_name: str) -> list[str]:
         (task_name(corpus_name, "prefix_lm", vocabulary_name), 1.0)), "span_corruption")
     _refresh_mixtures(names)
     return names + [mix]
+
+
+def register_document_lm_task(corpus_name: str, vocabulary_name: str, bos_id: int, add_eos: bool = False) -> str:
+    """An "lm" task that reads each document on its own rows starting with `bos_id`, as transformers
+    scores a text (`preprocessors.document_lm`): rows [BOS] + tokens (+ EOS if `add_eos`), loss on
+    every token after the BOS. Named `{corpus}_lm_bos{bos_id}[_eos]_{vocabulary}`; (re)registered
+    on every call, and not re-created when the corpus is (`evaluation.text_file_task` uses it)."""
+    corpus = corpus_lib.get_corpus(corpus_name)
+    vocabulary = vocab_lib.get_vocabulary(vocabulary_name)
+    name = task_name(corpus_name, f"lm_bos{int(bos_id)}" + ("_eos" if add_eos else ""), vocabulary_name)
+    seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add(
+        name,
+        source=corpus.source(),
+        output_features={"targets": seqio.Feature(vocabulary=vocabulary, add_eos=False, dtype=tf.int32)},
+        preprocessors=[
+            functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+            functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+            functools.partial(preprocessors.document_lm, add_eos=add_eos),
+        ],
+    )
+    _TASKS[name] = TaskInfo(corpus_name, "lm", vocabulary_name, bos_id=int(bos_id))
+    return name
 
 
 def _refresh_mixtures(changed_tasks: Sequence[str]) -> None:
@@ -180,20 +225,63 @@ class MaskedLMFeatureConverter(seqio.EncoderFeatureConverter):
         return self._pack_or_pad(ds, input_lengths).map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+class LengthWeightedLMFeatureConverter(seqio.LMFeatureConverter):
+    """seqio's LM converter for tokenizers whose id 0 is a real token (Llama's <unk>, GPT-2's "!") or
+    whose rows start with a BOS.
+
+    seqio takes 0 for padding three times: its packer cuts each example at its count of non-zero
+    tokens and gives token 0 segment id 0, and its loss weights are `targets != 0`. Here the tokens
+    are packed shifted by +1 (so none is 0) and shifted back, and the loss weights mark each
+    example's own positions (packed: segment id > 0; unpacked: the example's length). Each row's
+    (each packed segment's) first input is `bos_id` (seqio's own argument; 0 by default, as seqio).
+    """
+
+    _REAL = "targets_real"  # unpacked: 1 on the example's tokens, 0 on the padding seqio adds
+
+    def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        def convert(features):
+            segments = features.get("targets_segment_ids")
+            if self.pack:
+                targets = tf.where(segments > 0, features["targets"] - 1, 0)
+                weights = tf.cast(segments > 0, tf.int32)
+            else:
+                targets, weights = features["targets"], features[self._REAL]
+            out = {"decoder_target_tokens": targets,
+                   "decoder_input_tokens": seqio.utils.make_autoregressive_inputs(targets, sequence_id=segments,
+                                                                                  bos_id=self.bos_id),
+                   "decoder_loss_weights": weights}
+            if self.pack:
+                out["decoder_segment_ids"] = segments
+                out["decoder_positions"] = features["targets_positions"]
+            return out
+
+        if self.pack:
+            ds = ds.map(lambda f: {**f, "targets": f["targets"] + 1})
+            ds = self._pack_or_pad(ds, task_feature_lengths)
+        else:
+            ds = ds.map(lambda f: {**f, self._REAL: tf.ones_like(f["targets"])})
+            ds = self._pack_or_pad(ds, {**task_feature_lengths, self._REAL: task_feature_lengths["targets"]})
+        return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 @gin.configurable
-def feature_converter_for(objective: str, pack: bool = True,
-                          vocabulary: Optional[seqio.Vocabulary] = None) -> seqio.FeatureConverter:
+def feature_converter_for(objective: str, pack: bool = True, vocabulary: Optional[seqio.Vocabulary] = None,
+                          bos_id: Optional[int] = None) -> seqio.FeatureConverter:
     """The converter producing the batch names the models consume, for an objective.
 
     span_corruption -> encoder_input_tokens, decoder_{input,target}_tokens, decoder_loss_weights;
     lm -> decoder_*; prefix_lm -> decoder_* + decoder_causal_attention (loss on the continuation);
     mlm -> encoder_{input,target}_tokens, encoder_loss_weights. Packing adds *_segment_ids and
-    *_positions. mlm needs the vocabulary to know its mask id (the first sentinel).
+    *_positions. mlm needs the vocabulary to know its mask id (the first sentinel). lm rows start
+    from `bos_id` (default 0); with a BOS, or a vocabulary whose id 0 is a real token, the loss
+    weights come from lengths (`LengthWeightedLMFeatureConverter`).
     """
     _check_objective(objective)
     if objective == "span_corruption":
         return seqio.EncDecFeatureConverter(pack=pack)
     if objective == "lm":
+        if bos_id is not None or (vocabulary is not None and not vocab_lib.zero_is_padding(vocabulary)):
+            return LengthWeightedLMFeatureConverter(pack=pack, bos_id=0 if bos_id is None else int(bos_id))
         return seqio.LMFeatureConverter(pack=pack)
     if objective == "prefix_lm":
         return seqio.PrefixLMFeatureConverter(pack=pack, loss_on_targets_only=True)
@@ -202,12 +290,19 @@ def feature_converter_for(objective: str, pack: bool = True,
     return MaskedLMFeatureConverter(mask_id=vocabulary.vocab_size - 1, pack=pack)
 
 
-def feature_converter_for_task(name: str, pack: bool = True,
-                               objective: Optional[str] = None) -> seqio.FeatureConverter:
+def feature_converter_for_task(name: str, pack: bool = True, objective: Optional[str] = None,
+                               model=None) -> seqio.FeatureConverter:
     """The task's converter; `objective` overrides it, e.g. to read the prefix_lm subtask of an
-    encoder-decoder mixture as encoder-decoder batches."""
+    encoder-decoder mixture as encoder-decoder batches. A task registered outside t5x_like.data
+    (objective EXTERNAL) gets the model's converter for its features."""
     task = info(name)
-    return feature_converter_for(objective or task.objective, pack, vocab_lib.get_vocabulary(task.vocabulary))
+    objective = objective or task.objective
+    if objective == EXTERNAL:
+        if model is None:
+            raise CorpusError(f"task {name!r} was registered with seqio directly, so the model picks its "
+                              "feature converter: pass the model (or a feature_converter)")
+        return model.feature_converter(output_features(name), pack)
+    return feature_converter_for(objective, pack, vocab_lib.get_vocabulary(task.vocabulary), bos_id=task.bos_id)
 
 
 # ------------------------------------------------------------------------------------- lengths
@@ -234,9 +329,11 @@ def check_task_feature_lengths(name: str, lengths: Optional[Mapping[str, int]],
                                objective: Optional[str] = None) -> dict[str, int]:
     """One clear error for missing or too-short lengths, before any data is read."""
     objective = objective or info(name).objective
+    lengths = dict(lengths or {})
+    if objective == EXTERNAL:
+        return _check_external_lengths(name, lengths)
     _check_objective(objective)
     needed = _FEATURES[objective]
-    lengths = dict(lengths or {})
     missing = [k for k in needed if k not in lengths]
     if missing:
         example = default_task_feature_lengths(objective)
@@ -253,6 +350,25 @@ def check_task_feature_lengths(name: str, lengths: Optional[Mapping[str, int]],
                               f"{targets} tokens but targets length is {lengths['targets']}; set it to "
                               f"{targets}")
     return {k: int(v) for k, v in lengths.items()}
+
+
+def _check_external_lengths(name: str, lengths: dict) -> dict[str, int]:
+    features = output_features(name)
+    if not features:
+        raise CorpusError(f"task {name!r} has no 'inputs' or 'targets' output feature; a model reads "
+                          "(inputs, targets) pairs or targets alone")
+    # A rank-0 feature (a class id or a score, models/encoder_classifier.py) has no length: seqio
+    # cannot trim a scalar, so a length given for it is dropped.
+    scalars = {k for k, f in seqio.get_mixture_or_task(name).output_features.items() if f.rank == 0}
+    features = [k for k in features if k not in scalars]
+    missing = [k for k in features if k not in lengths]
+    if missing:
+        raise CorpusError(f"task_feature_lengths {lengths} for {name!r} lack {missing}; give a length for each "
+                          f"of its features {list(features)}, e.g. {dict.fromkeys(features, 256)}")
+    short = {k: lengths[k] for k in features if int(lengths[k]) < 1}
+    if short:
+        raise CorpusError(f"task_feature_lengths {short} for {name!r} must be >= 1")
+    return {k: int(v) for k, v in lengths.items() if k not in scalars}
 
 
 # ------------------------------------------------------------------------------ registration hooks

@@ -1,10 +1,13 @@
-"""Vocabularies: SentencePiece trained on a corpus and cached, bytes, or a model file given by path.
+"""Vocabularies: SentencePiece trained on a corpus and cached, bytes, or a tokenizer file by path.
 
-Every vocabulary keeps T5's ids (pad 0, eos 1, unk 2, no bos) and 100 sentinel ids on top, so span
-corruption can use ids vocab_size-1-k. Training is lazy (registering tasks never trains) and cached
-under the data directory with a fingerprint of the corpus and the settings; it runs single-threaded
-with the trainer's own randomness off, so every host that trains independently gets byte-identical
-models (multi-threaded training perturbs the piece scores, which changes tokenisation).
+The project's own vocabularies keep T5's ids (pad 0, eos 1, unk 2, no bos) and 100 sentinel ids on
+top, so span corruption can use ids vocab_size-1-k. A tokenizer file (a SentencePiece .model with
+any special-token layout, a Hugging Face tokenizer.json, or a folder holding one: hf_tokenizer.py)
+keeps its own ids, e.g. Llama's unk 0, bos 1, eos 2. Training is lazy (registering tasks never
+trains) and cached under the data directory with a fingerprint of the corpus and the settings; it
+runs single-threaded with the trainer's own randomness off, so every host that trains independently
+gets byte-identical models (multi-threaded training perturbs the piece scores, which changes
+tokenisation).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from t5x_like.data import corpus as corpus_lib
 from t5x_like.data import embedded
+from t5x_like.data import hf_tokenizer
 from t5x_like.errors import UserError
 
 DEFAULT_EXTRA_IDS = 100
@@ -180,22 +184,44 @@ def byte_vocabulary(extra_ids: int = DEFAULT_EXTRA_IDS) -> seqio.Vocabulary:
 
 
 @gin.configurable
-def vocabulary_from_file(path: str = gin.REQUIRED, extra_ids: int = DEFAULT_EXTRA_IDS) -> seqio.Vocabulary:
-    """An existing SentencePiece model (e.g. T5's), which must use pad 0, eos 1, unk 2."""
-    path = os.path.expanduser(path)
-    if not os.path.isfile(path):
-        raise VocabularyError(f"SentencePiece model file {path!r} does not exist; give the path of a "
-                              "local .model file (nothing is downloaded)")
-    vocab = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+def vocabulary_from_file(path: str = gin.REQUIRED, extra_ids: Optional[int] = None) -> seqio.Vocabulary:
+    """A tokenizer file: a SentencePiece .model with any special-token layout (T5's pad 0, eos 1,
+    unk 2; Llama's / Mistral's unk 0, bos 1, eos 2, no pad), a Hugging Face tokenizer.json, or a
+    folder holding one (hf_tokenizer.py says how special tokens are read and padding works).
+
+    `extra_ids` (sentinels after the pieces) defaults to 100 for a T5-layout .model, as T5 has, and
+    to 0 otherwise: an imported tokenizer's ids are exactly its model's. A tokenizer.json has none.
+    """
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if not os.path.exists(path):
+        raise VocabularyError(f"tokenizer file {path!r} does not exist; give the path of a local SentencePiece "
+                              ".model, a tokenizer.json or a folder holding one (nothing is downloaded)")
     try:
-        ids = (vocab.tokenizer.pad_id(), vocab.eos_id, vocab.unk_id)
-    except Exception as e:  # noqa: BLE001 (sentencepiece raises OSError/RuntimeError on bad files)
-        raise VocabularyError(f"{path!r} is not a SentencePiece model ({type(e).__name__}: {e})") from None
-    if ids != (0, 1, 2):
-        raise VocabularyError(f"SentencePiece model {path!r} has (pad, eos, unk) ids {ids}; this project "
-                              "needs (0, 1, 2) as in T5; retrain it with pad_id=0 eos_id=1 unk_id=2 "
-                              "bos_id=-1")
+        vocab = hf_tokenizer.load(path, extra_ids or 0)
+        if extra_ids is None and isinstance(vocab, hf_tokenizer.SentencePieceModelVocabulary) and \
+                (vocab.tokenizer_pad_id, vocab.eos_id, vocab.unk_id) == (0, 1, 2):
+            vocab = hf_tokenizer.load(path, DEFAULT_EXTRA_IDS)
+    except hf_tokenizer.TokenizerFileError as e:
+        raise VocabularyError(str(e)) from None
     return vocab
+
+
+def leading_bos_id(vocab: seqio.Vocabulary) -> Optional[int]:
+    """The BOS id a tokenizer puts in front of every text, as transformers' `tokenizer(text)` does
+    (Llama: 1), or None: for tokenizers that add none (GPT-2, T5) and for this project's own
+    vocabularies, whose decoder-only rows start from id 0 (seqio's convention)."""
+    return vocab.bos_id if getattr(vocab, "add_bos", False) else None
+
+
+def appends_eos(vocab: seqio.Vocabulary) -> bool:
+    """Whether transformers' `tokenizer(text)` ends every text with EOS (Llama, GPT-2: no)."""
+    return bool(getattr(vocab, "add_eos", False))
+
+
+def zero_is_padding(vocab: seqio.Vocabulary) -> bool:
+    """False when id 0 is a real token of the vocabulary's texts (Llama's <unk>, GPT-2's "!"), so
+    padding must be told from text by position; True for this project's vocabularies and T5's."""
+    return bool(getattr(vocab, "zero_is_padding", True))
 
 
 # -------------------------------------------------------------------------------------- registry
@@ -240,9 +266,13 @@ def register_vocabularies(vocabularies=gin.REQUIRED) -> list[str]:
 
 
 def get_vocabulary(name: str) -> seqio.Vocabulary:
-    """The (shared) vocabulary object for a name; creating it never trains a model."""
+    """The (shared) vocabulary object for a name, or for a tokenizer file or folder (`vocabulary_name`);
+    creating it never trains a model."""
+    if name not in _FACTORIES and _is_path(name):
+        name = vocabulary_name(name)
     if name not in _FACTORIES:
-        raise VocabularyError(f"no vocabulary named {name!r}; registered: {sorted(_FACTORIES)}")
+        raise VocabularyError(f"no vocabulary named {name!r}; registered: {sorted(_FACTORIES)} (or give the path "
+                              "of a SentencePiece .model, a tokenizer.json or a folder holding one)")
     if name not in _INSTANCES:
         _INSTANCES[name] = _FACTORIES[name]()
     return _INSTANCES[name]
@@ -252,15 +282,36 @@ def vocabulary_names() -> list[str]:
     return sorted(_FACTORIES)
 
 
+def _is_path(name_or_path: str) -> bool:
+    return isinstance(name_or_path, str) and (
+        name_or_path.endswith((".model", ".json")) or os.sep in name_or_path or name_or_path.startswith("~")
+        or os.path.isdir(name_or_path))
+
+
+def _builtin_names() -> str:
+    return ", ".join(sorted(n for n in _FACTORIES if not n.startswith("file")))
+
+
 def vocabulary_name(name_or_path: str) -> str:
-    """A registered vocabulary's name as given, or for a SentencePiece `.model` file (such as the
-    spiece.model that came with a Hugging Face checkpoint) the name it is registered under, derived
-    from its absolute path, so every mode reads such a file the same way."""
-    if not name_or_path.endswith(".model"):
+    """A registered vocabulary's name as given; for a tokenizer file (a SentencePiece `.model` such as
+    the spiece.model / tokenizer.model that came with a Hugging Face checkpoint, or a
+    `tokenizer.json`) or a folder holding one (tokenizer.json first, as transformers' AutoTokenizer
+    loads it, then tokenizer.model, spiece.model), the name it is registered under, derived from the
+    file's absolute path, so every mode reads such a file the same way."""
+    if name_or_path in _FACTORIES or not _is_path(name_or_path):
         return name_or_path
     path = os.path.abspath(os.path.expanduser(name_or_path))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"SentencePiece model {name_or_path!r} does not exist")
+    if os.path.isdir(path):
+        found = hf_tokenizer.find_tokenizer_file(path)
+        if found is None:
+            raise VocabularyError(f"folder {name_or_path!r} holds no tokenizer.json, tokenizer.model or "
+                                  "spiece.model; give a tokenizer file or a registered vocabulary "
+                                  f"({_builtin_names()})")
+        path = found
+    elif not os.path.isfile(path):
+        raise VocabularyError(f"tokenizer {name_or_path!r} does not exist; give a registered vocabulary "
+                              f"({_builtin_names()}) or the path of a SentencePiece .model, a tokenizer.json or "
+                              "a folder holding one")
     name = "file" + hashlib.sha1(path.encode()).hexdigest()[:12]
     if name not in _FACTORIES:
         register_vocabulary(name, vocabulary_from_file(path))

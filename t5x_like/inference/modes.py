@@ -1,10 +1,14 @@
 """`infer` and `score` modes: text in (a file or stdin, plain lines or JSONL), JSONL out.
 
-Text is tokenized with a vocabulary named by gin: a registered one ("spm", "byte") or a
-SentencePiece .model file, such as the spiece.model / tokenizer.model that `import_hf` copies
-next to model.gin when the Hugging Face folder has one. Decoder-only prompts start with `bos_id`
-(0, the BOS of this project's LM tasks; 1 for most LLaMA tokenizers; None for none);
-encoder-decoder inputs end with EOS (id 1), as T5 trains them.
+Text is tokenized with a vocabulary named by gin: a registered one ("spm", "byte"), a tokenizer
+file (a SentencePiece .model with any special-token layout, or a tokenizer.json) or a folder holding
+one, such as the import_hf output folder, where `import_hf` copies the Hugging Face checkpoint's
+tokenizer files next to model.gin. Decoder-only prompts start with `bos_id`: "auto" (the default)
+is the tokenizer's own BOS when its transformers `tokenizer(text)` adds one (Llama: 1), else 0, the
+BOS of this project's LM tasks (none for a tokenizer whose id 0 is a real token, e.g. GPT-2's "!",
+as transformers feeds GPT-2 prompts); an int or None forces one or none. EOS is the vocabulary's
+own (1 for this project's and T5's, 2 for Llama's): it ends generation and the scored targets
+(`target_eos`). Encoder-decoder inputs end with EOS (id 1), as T5 trains them.
 
 JSONL records: infer reads "input" (or "prompt" / "text"); score reads "input" and "target".
 A plain-text line is one prompt (infer) or "input<TAB>target" (score).
@@ -75,6 +79,24 @@ def _restore(model, checkpoint_dir: str, step: Optional[int]):
     return {"params": restore_model_params(checkpoint_dir, model, step=step)}
 
 
+def resolve_bos_id(vocab, bos_id="auto") -> Optional[int]:
+    """The id decoder-only prompts start with: `bos_id` itself unless it is "auto" (module docstring)."""
+    from t5x_like.data import vocabularies as vocab_lib
+
+    if bos_id != "auto":
+        if bos_id is not None and (isinstance(bos_id, bool) or not isinstance(bos_id, int)):
+            raise InferenceError(f"bos_id={bos_id!r} must be 'auto', None or a token id")
+        return bos_id
+    bos = vocab_lib.leading_bos_id(vocab)
+    if bos is not None:
+        return bos
+    return 0 if vocab_lib.zero_is_padding(vocab) else None
+
+
+def eos_id_of(vocab) -> int:
+    return EOS if vocab.eos_id is None else int(vocab.eos_id)
+
+
 def _input_ids(model, vocab, text: str, bos_id: Optional[int]) -> list[int]:
     return model.prompt_ids(list(vocab.encode(text)), bos_id)
 
@@ -87,10 +109,11 @@ def _writer(path: Optional[str]):
 def infer(input_path: str, output_path: Optional[str], *, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED,
           vocabulary: str = "spm", step: Optional[int] = None, batch_size: int = 8, max_new_tokens: int = 32,
           method: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-          num_beams: int = 4, length_penalty: float = 1.0, early_stopping=False, bos_id: Optional[int] = 0,
+          num_beams: int = 4, length_penalty: float = 1.0, early_stopping=False, bos_id="auto",
           seed: int = 0, variables=None) -> int:
     """Decode every prompt of input_path; one JSONL line {"input", "output", "tokens", "score"} each."""
     vocab = load_vocabulary(vocabulary)
+    bos_id, eos_id = resolve_bos_id(vocab, bos_id), eos_id_of(vocab)
     variables = _restore(model, checkpoint_dir, step) if variables is None else variables
     records = list(read_records(input_path, need_target=False))
     rng = jax.random.key(seed)
@@ -109,9 +132,9 @@ def infer(input_path: str, output_path: Optional[str], *, model=gin.REQUIRED, ch
             res = decoding.generate(model, variables, prompts, prompt_lengths=[len(x) for x in ids],
                                     max_new_tokens=max_new_tokens, method=method, temperature=temperature,
                                     top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
-                                    early_stopping=early_stopping, eos_id=EOS, rng=sub)
+                                    early_stopping=early_stopping, eos_id=eos_id, rng=sub)
             for r, toks, n, s in zip(chunk, res.tokens, res.lengths, res.scores):
-                toks = [int(t) for t in toks[:n] if int(t) != EOS]
+                toks = [int(t) for t in toks[:n] if int(t) != eos_id]
                 out.write(json.dumps({"input": r["input"], "output": vocab.decode(toks), "tokens": toks,
                                       "score": float(s)}) + "\n")
     finally:
@@ -122,14 +145,15 @@ def infer(input_path: str, output_path: Optional[str], *, model=gin.REQUIRED, ch
 
 @gin.configurable(denylist=["input_path", "output_path"])
 def score(input_path: str, output_path: Optional[str], *, model=gin.REQUIRED, checkpoint_dir: str = gin.REQUIRED,
-          vocabulary: str = "spm", step: Optional[int] = None, batch_size: int = 8, bos_id: Optional[int] = 0,
+          vocabulary: str = "spm", step: Optional[int] = None, batch_size: int = 8, bos_id="auto",
           target_eos: bool = True, variables=None) -> int:
     """Log-likelihood of each (input, target); JSONL {"input", "target", "log_likelihood", "target_tokens"}."""
     vocab = load_vocabulary(vocabulary)
+    bos_id, eos_id = resolve_bos_id(vocab, bos_id), eos_id_of(vocab)
     variables = _restore(model, checkpoint_dir, step) if variables is None else variables
     records = list(read_records(input_path, need_target=True))
     inputs = [_input_ids(model, vocab, r["input"], bos_id) for r in records]
-    targets = [list(vocab.encode(r["target"])) + ([EOS] if target_eos else []) for r in records]
+    targets = [list(vocab.encode(r["target"])) + ([eos_id] if target_eos else []) for r in records]
     if any(len(t) == 0 for t in targets):
         raise InferenceError("an empty target with target_eos=False has nothing to score")
     lls = evaluation.score_pairs(model, variables, inputs, targets, batch_size=batch_size)

@@ -1,16 +1,21 @@
-"""Hugging Face converter: BERT with its masked-LM head (BertForMaskedLM, BertForPreTraining).
+"""Hugging Face converters: BERT with its masked-LM head (BertForMaskedLM, BertForPreTraining), and
+BERT with a sequence-classification head (BertForSequenceClassification).
 
 BERT is a post-norm encoder with biases everywhere, learned absolute positions, token-type
 embeddings and a norm after the embeddings; `EncoderOnlyConfig` expresses all of it. The NSP
-head and pooler of BertForPreTraining have no counterpart and are skipped.
+head and pooler of BertForPreTraining have no counterpart and are skipped. A sequence classifier
+is `EncoderClassifierConfig` with `pooling="first"`: its pooler and classifier map one to one.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
 from t5x_like.interop.converter import Converter, HFInteropError, WeightReader, register
 from t5x_like.models.config import EncoderOnlyConfig
+from t5x_like.models.encoder_classifier import EncoderClassifierConfig
 
 # HF hidden_act -> our activation. gelu_pytorch_tanh is the same function as gelu_new.
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
@@ -49,8 +54,9 @@ def config_from_hf(c: dict) -> EncoderOnlyConfig:
         dropout_rate=float(c.get("hidden_dropout_prob", 0.0)))
 
 
-def _export_problems(cfg) -> list[str]:
-    """Every way `cfg` differs from what BertForMaskedLM can compute."""
+def _export_problems(cfg, mlm_head: bool = True) -> list[str]:
+    """Every way `cfg` differs from what BertForMaskedLM (or, without `mlm_head`, BERT's encoder)
+    can compute."""
     acts = cfg.mlp_activations
     checks = [
         (cfg.norm_type == "layer", f"norm_type={cfg.norm_type!r} (BERT uses 'layer')"),
@@ -60,8 +66,9 @@ def _export_problems(cfg) -> list[str]:
         (cfg.kv_heads == cfg.num_heads, f"num_kv_heads={cfg.num_kv_heads} (BERT has no grouped-query attention)"),
         (cfg.num_heads * cfg.head_dim == cfg.d_model, "num_heads * head_dim != d_model"),
         (len(acts) == 1 and acts[0] in _ACT_TO_HF, f"mlp_activations={acts} (BERT: one of {sorted(_ACT_TO_HF)})"),
-        (cfg.mlm_head_activation == acts[0], f"mlm_head_activation={cfg.mlm_head_activation!r} differs from "
-                                             f"the MLP activation (BERT uses hidden_act for both)"),
+        (not mlm_head or cfg.mlm_head_activation == acts[0], f"mlm_head_activation={cfg.mlm_head_activation!r} "
+                                                             "differs from the MLP activation (BERT uses hidden_act "
+                                                             "for both)"),
         (cfg.embedding_norm, "embedding_norm=False"),
         (cfg.type_vocab_size >= 1, "type_vocab_size=0 (BERT needs at least 1)"),
         (cfg.scale_attention_scores, "scale_attention_scores=False"),
@@ -75,8 +82,12 @@ def config_to_hf(cfg: EncoderOnlyConfig) -> dict:
     problems = _export_problems(cfg)
     if problems:
         raise HFInteropError("cannot export as BertForMaskedLM: " + "; ".join(problems))
+    return _bert_config_to_hf(cfg, "BertForMaskedLM")
+
+
+def _bert_config_to_hf(cfg: EncoderOnlyConfig, architecture: str) -> dict:
     return {
-        "architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": cfg.vocab_size,
+        "architectures": [architecture], "model_type": "bert", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "intermediate_size": cfg.mlp_dim, "hidden_act": _ACT_TO_HF[cfg.mlp_activations[0]],
         "hidden_dropout_prob": cfg.dropout_rate, "attention_probs_dropout_prob": cfg.dropout_rate,
@@ -116,7 +127,8 @@ def _layer_names(i: int) -> dict:
             "wo": f"{pre}.output.dense", "mlp_norm": f"{pre}.output.LayerNorm"}
 
 
-def params_from_hf(r: WeightReader, cfg: EncoderOnlyConfig) -> dict:
+def _encoder_from_hf(r: WeightReader, cfg: EncoderOnlyConfig) -> dict:
+    """Embeddings and the encoder stack (`EncoderOnly.setup_encoder`'s parameters)."""
     d, h, hd, v = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.vocab_size
     emb = "bert.embeddings"
     params = {
@@ -125,8 +137,6 @@ def params_from_hf(r: WeightReader, cfg: EncoderOnlyConfig) -> dict:
                                               (cfg.max_position_embeddings, d))},
         "type_embed": {"embedding": r.get(f"{emb}.token_type_embeddings.weight", (cfg.type_vocab_size, d))},
         "embed_norm": _norm_from_hf(r, f"{emb}.LayerNorm", d),
-        "mlm_transform": _dense_from_hf(r, "cls.predictions.transform.dense", (d,), (d,)),
-        "mlm_norm": _norm_from_hf(r, "cls.predictions.transform.LayerNorm", d),
     }
     encoder = {}
     for i in range(cfg.num_layers):
@@ -139,6 +149,14 @@ def params_from_hf(r: WeightReader, cfg: EncoderOnlyConfig) -> dict:
                     "wo": _dense_from_hf(r, n["wo"], (cfg.mlp_dim,), (d,))},
             "mlp_norm": _norm_from_hf(r, n["mlp_norm"], d)}
     params["encoder"] = encoder
+    return params
+
+
+def params_from_hf(r: WeightReader, cfg: EncoderOnlyConfig) -> dict:
+    d, v = cfg.d_model, cfg.vocab_size
+    params = _encoder_from_hf(r, cfg)
+    params["mlm_transform"] = _dense_from_hf(r, "cls.predictions.transform.dense", (d,), (d,))
+    params["mlm_norm"] = _norm_from_hf(r, "cls.predictions.transform.LayerNorm", d)
     # Untied heads use the decoder's own bias; tied ones share cls.predictions.bias (older
     # transformers also saved it as decoder.bias).
     untied_bias = not cfg.tie_embeddings and "cls.predictions.decoder.bias" in r
@@ -148,15 +166,12 @@ def params_from_hf(r: WeightReader, cfg: EncoderOnlyConfig) -> dict:
     return params
 
 
-def params_to_hf(params: dict, cfg: EncoderOnlyConfig) -> dict:
+def _encoder_to_hf(params: dict, cfg: EncoderOnlyConfig) -> dict:
     emb = "bert.embeddings"
     out = {f"{emb}.word_embeddings.weight": params["token_embed"]["embedding"],
            f"{emb}.position_embeddings.weight": params["position_embed"]["embedding"],
            f"{emb}.token_type_embeddings.weight": params["type_embed"]["embedding"],
-           **_norm_to_hf(params["embed_norm"], f"{emb}.LayerNorm"),
-           **_dense_to_hf(params["mlm_transform"], "cls.predictions.transform.dense", 1),
-           **_norm_to_hf(params["mlm_norm"], "cls.predictions.transform.LayerNorm"),
-           "cls.predictions.bias": params["mlm_bias"]}
+           **_norm_to_hf(params["embed_norm"], f"{emb}.LayerNorm")}
     for i in range(cfg.num_layers):
         n, layer = _layer_names(i), params["encoder"][f"layers_{i}"]
         attn, mlp = layer["self_attention"], layer["mlp"]
@@ -167,6 +182,14 @@ def params_to_hf(params: dict, cfg: EncoderOnlyConfig) -> dict:
         out.update(_dense_to_hf(mlp["wo"], n["wo"], 1))
         out.update(_norm_to_hf(layer["self_attention_norm"], n["self_attention_norm"]))
         out.update(_norm_to_hf(layer["mlp_norm"], n["mlp_norm"]))
+    return out
+
+
+def params_to_hf(params: dict, cfg: EncoderOnlyConfig) -> dict:
+    out = {**_encoder_to_hf(params, cfg),
+           **_dense_to_hf(params["mlm_transform"], "cls.predictions.transform.dense", 1),
+           **_norm_to_hf(params["mlm_norm"], "cls.predictions.transform.LayerNorm"),
+           "cls.predictions.bias": params["mlm_bias"]}
     if not cfg.tie_embeddings:
         out["cls.predictions.decoder.weight"] = params["logits_dense"]["kernel"].T
         out["cls.predictions.decoder.bias"] = params["mlm_bias"]
@@ -184,4 +207,56 @@ CONVERTER = register(Converter(
     can_export=lambda cfg: isinstance(cfg, EncoderOnlyConfig),
     ignored_weights=(r"bert\.pooler\..*", r"cls\.seq_relationship\..*", r".*\.position_ids",
                      r".*\.token_type_ids", r"cls\.predictions\.decoder\.(weight|bias)", r"cls\.predictions\.bias"),
+))
+
+
+# ------------------------------------------------------------- BertForSequenceClassification
+
+
+def classifier_config_from_hf(c: dict) -> EncoderClassifierConfig:
+    problem = c.get("problem_type")
+    if problem == "multi_label_classification":
+        raise HFInteropError("BERT config.json: problem_type='multi_label_classification' (independent sigmoid "
+                             "labels) is not supported; t5x_like classifiers pick one class (softmax) or regress")
+    num_classes = len(c["id2label"]) if c.get("id2label") else int(c.get("num_labels", 2))
+    if problem == "regression" and num_classes != 1:
+        raise HFInteropError(f"BERT config.json: problem_type='regression' with {num_classes} labels; t5x_like "
+                             "regresses one score (num_labels=1)")
+    fields = {f.name: getattr(config_from_hf(c), f.name) for f in dataclasses.fields(EncoderOnlyConfig)}
+    return EncoderClassifierConfig(**fields, num_classes=num_classes, pooling="first")
+
+
+def classifier_config_to_hf(cfg: EncoderClassifierConfig) -> dict:
+    problems = _export_problems(cfg, mlm_head=False)
+    if cfg.pooling != "first":
+        problems.append(f"pooling={cfg.pooling!r} (BERT pools the first token: 'first')")
+    if problems:
+        raise HFInteropError("cannot export as BertForSequenceClassification: " + "; ".join(problems))
+    labels = {str(i): f"LABEL_{i}" for i in range(cfg.num_classes)}
+    return {**_bert_config_to_hf(cfg, "BertForSequenceClassification"), "id2label": labels,
+            "label2id": {name: int(i) for i, name in labels.items()}, "classifier_dropout": None,
+            "problem_type": "regression" if cfg.num_classes == 1 else "single_label_classification"}
+
+
+def classifier_params_from_hf(r: WeightReader, cfg: EncoderClassifierConfig) -> dict:
+    return {**_encoder_from_hf(r, cfg),
+            "pooler": _dense_from_hf(r, "bert.pooler.dense", (cfg.d_model,), (cfg.d_model,)),
+            "classifier": _dense_from_hf(r, "classifier", (cfg.d_model,), (cfg.num_classes,))}
+
+
+def classifier_params_to_hf(params: dict, cfg: EncoderClassifierConfig) -> dict:
+    return {**_encoder_to_hf(params, cfg), **_dense_to_hf(params["pooler"], "bert.pooler.dense", 1),
+            **_dense_to_hf(params["classifier"], "classifier", 1)}
+
+
+CLASSIFIER_CONVERTER = register(Converter(
+    architectures=("BertForSequenceClassification",),
+    model_types=(),  # a config.json without architectures is read as BertForMaskedLM
+    config_class=EncoderClassifierConfig,
+    config_from_hf=classifier_config_from_hf,
+    params_from_hf=classifier_params_from_hf,
+    config_to_hf=classifier_config_to_hf,
+    params_to_hf=classifier_params_to_hf,
+    can_export=lambda cfg: isinstance(cfg, EncoderClassifierConfig),
+    ignored_weights=(r".*\.position_ids", r".*\.token_type_ids"),
 ))

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 from jax import lax
+
+from t5x_like.layers.quantization import QuantizedArray, dequantize
 
 Initializer = Callable[..., jnp.ndarray]
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -46,25 +49,39 @@ class DenseGeneral(nn.Module):
             flat = self.kernel_init(key, (int(np.prod(in_shape)), int(np.prod(features))), dtype)
             return jnp.reshape(flat, shape)
 
-        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
-                            kernel_shape, self.param_dtype)
-        # Products of `dtype` inputs accumulate into float32 outputs, then round to `dtype`: the
-        # bfloat16 x bfloat16 -> float32 dot is XLA:CPU's fast AVX512-BF16 kernel (0.8 vs 0.35 TFLOP/s
-        # for bf16 -> bf16 here), and it is what TPU/GPU matrix units do anyway.
-        x = jnp.asarray(x, self.dtype)
-        kernel = jnp.asarray(kernel, self.dtype)
-        if axis == tuple(range(x.ndim - len(axis), x.ndim)):
-            # Contracting trailing axes: one 2-D [tokens, fan_in] x [fan_in, fan_out] matmul. XLA:CPU
-            # lays out the backward pass of the equivalent N-D dot_general with transposed copies
-            # of the activations; the 2-D form runs the MLP's forward+backward about 2x faster there
-            # (benchmarks/README.md) and is the same dot on accelerators.
-            batch_shape = x.shape[:x.ndim - len(axis)]
-            flat = jnp.matmul(jnp.reshape(x, (-1, int(np.prod(in_shape)))),
-                              jnp.reshape(kernel, (int(np.prod(in_shape)), -1)), preferred_element_type=jnp.float32)
-            y = jnp.reshape(flat, batch_shape + features).astype(self.dtype)
-        else:
+        dtype = self.dtype
+
+        def project(x, kernel):
+            # Products of `dtype` inputs accumulate into float32 outputs, then round to `dtype`: the
+            # bfloat16 x bfloat16 -> float32 dot is XLA:CPU's fast AVX512-BF16 kernel (0.8 vs 0.35 TFLOP/s
+            # for bf16 -> bf16 here), and it is what TPU/GPU matrix units do anyway.
+            x = jnp.asarray(x, dtype)
+            kernel = jnp.asarray(kernel, dtype)
+            if axis == tuple(range(x.ndim - len(axis), x.ndim)):
+                # Contracting trailing axes: one 2-D [tokens, fan_in] x [fan_in, fan_out] matmul. XLA:CPU
+                # lays out the backward pass of the equivalent N-D dot_general with transposed copies
+                # of the activations; the 2-D form runs the MLP's forward+backward about 2x faster there
+                # (benchmarks/README.md) and is the same dot on accelerators.
+                batch_shape = x.shape[:x.ndim - len(axis)]
+                flat = jnp.matmul(jnp.reshape(x, (-1, int(np.prod(in_shape)))),
+                                  jnp.reshape(kernel, (int(np.prod(in_shape)), -1)), preferred_element_type=jnp.float32)
+                return jnp.reshape(flat, batch_shape + features).astype(dtype)
             contract = (axis, tuple(range(len(axis))))
-            y = lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=jnp.float32).astype(self.dtype)
+            return lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=jnp.float32).astype(dtype)
+
+        stored = self.get_variable("params", "kernel") if self.has_variable("params", "kernel") else None
+        if isinstance(stored, QuantizedArray):
+            # Weight-only quantized storage (layers/quantization.py): `param` would shape-check the
+            # codes against the kernel, so the stored pytree is read directly. It is dequantized
+            # inside jax.checkpoint with the matmul, so a backward pass keeps the codes and recomputes
+            # the kernel (as bitsandbytes' 4-bit matmul does), not a full-size copy per layer.
+            if stored.full_shape != kernel_shape:
+                raise ValueError(f"quantized kernel of shape {stored.full_shape} does not match {kernel_shape}")
+            y = jax.checkpoint(lambda x, q: project(x, dequantize(q, dtype)))(x, stored)
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                                kernel_shape, self.param_dtype)
+            y = project(x, kernel)
         if self.use_bias:
             bias_axes = self.kernel_axes[len(in_shape):]
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),

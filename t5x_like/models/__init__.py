@@ -7,4 +7,6 @@ from t5x_like.models.config import (ConfigError, DecoderOnlyConfig, EncoderDecod
 from t5x_like.models.decoder_only import DecoderOnly, DecoderOnlyModel
 from t5x_like.models.encoder_decoder import EncoderDecoder, EncoderDecoderModel
 from t5x_like.models.encoder_only import EncoderOnly, EncoderOnlyModel
+from t5x_like.models.encoder_classifier import (ClassificationFeatureConverter, EncoderClassifier,
+                                                 EncoderClassifierConfig, EncoderClassifierModel)
 from t5x_like.models.registry import model_for_config, register, registered_families

@@ -18,13 +18,17 @@ folded into any objective's sums (`fold_aux_losses`), evaluation sums and per-ex
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Optional
+import re
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5x_like.layers import quantization
+from t5x_like.layers.lora import TRAINABLE_REGEX, LoraConfig, LoraModule
 from t5x_like.layers.moe import collect_moe_aux
 from t5x_like.objectives.cross_entropy import cross_entropy_sums
 from t5x_like.objectives.fused_cross_entropy import OutputHead
@@ -56,9 +60,20 @@ class BaseModel:
     weights_feature: str = "decoder_loss_weights"
     can_decode: bool = False
 
-    def __init__(self, config):
+    def __init__(self, config, lora: Optional[LoraConfig] = None, weight_quantization: Optional[str] = None):
+        """`lora`: LoRA adapters on the dense kernels it targets (layers/lora.py); the network is then
+        a `LoraModule` and its params hold `lora_a` / `lora_b` beside each adapted kernel.
+        `weight_quantization` ("nf4", "int4", "int8"): dense kernels are stored quantized
+        (layers/quantization.py) and dequantized as each layer runs; frozen, as in QLoRA."""
+        if weight_quantization is not None and weight_quantization not in quantization.SCHEMES:
+            raise ModelCapabilityError(f"weight_quantization={weight_quantization!r} is not one of "
+                                       f"{list(quantization.SCHEMES)} (or None)")
         self.config = config
+        self.lora = lora
+        self.weight_quantization = weight_quantization
         self.module = self.network_cls(config)
+        if lora is not None:
+            self.module = LoraModule(self.module, lora)
 
     def __repr__(self):
         return f"{type(self).__name__}({self.config})"
@@ -72,6 +87,12 @@ class BaseModel:
     def batch_shapes(self, task_feature_lengths: Mapping[str, int], batch_size: int) -> dict:
         """Feature name -> (batch_size, length): the batch a train step compiles for, without data."""
         return {k: (batch_size, n) for k, n in self.feature_lengths(task_feature_lengths).items()}
+
+    def feature_converter(self, task_features: Sequence[str], pack: bool = True):
+        """The seqio converter that turns a supervised task's examples (features "inputs" and/or
+        "targets", as `seqio.TaskRegistry.add` defines them) into this model's batch, as T5X's
+        `FEATURE_CONVERTER_CLS`; used for tasks registered with seqio directly (fine-tuning)."""
+        raise ModelCapabilityError(f"{type(self).__name__} cannot be fine-tuned on a supervised seqio task")
 
     def max_length(self) -> Optional[int]:
         """The longest row (in positions) the model can read, or None for no limit. A learned
@@ -114,20 +135,33 @@ class BaseModel:
     def _init_fn(self, rng, batch):
         return self.module.init({"params": rng, "dropout": rng}, **self._inputs(batch))
 
-    def init_variables(self, rng, batch: Optional[Mapping] = None) -> dict:
-        """Fresh variables (plain arrays); `batch` only fixes shapes, defaults to a dummy one."""
+    def init_variables(self, rng, batch: Optional[Mapping] = None, quantized: bool = True) -> dict:
+        """Fresh variables (plain arrays); `batch` only fixes shapes, defaults to a dummy one. With
+        `weight_quantization`, dense kernels come quantized unless `quantized=False`."""
         batch = self.dummy_batch() if batch is None else batch
-        return nn.unbox(jax.jit(self._init_fn)(rng, batch))
+        variables = nn.unbox(jax.jit(self._init_fn)(rng, batch))
+        return {**variables, "params": self.quantize_params(variables["params"])} if quantized else variables
 
-    def param_shapes(self, batch: Optional[Mapping] = None):
+    def quantize_params(self, params):
+        """`params` in the form this model stores them: dense kernels quantized under
+        `weight_quantization` (a pretrained float checkpoint restored for QLoRA goes through here)."""
+        if self.weight_quantization is None:
+            return params
+        return quantization.quantize_params(params, self.weight_quantization)
+
+    def param_shapes(self, batch: Optional[Mapping] = None, quantized: bool = True):
         """ShapeDtypeStructs of the 'params' tree (nothing allocated): restore and conversion targets."""
-        return jax.eval_shape(lambda: self.init_variables(jax.random.key(0), batch))["params"]
+        return jax.eval_shape(lambda: self.init_variables(jax.random.key(0), batch, quantized))["params"]
 
-    def logical_axes(self, batch: Optional[Mapping] = None):
-        """The variables' logical axis names as a pytree of PartitionSpecs (nothing allocated)."""
+    def logical_axes(self, batch: Optional[Mapping] = None, quantized: bool = True):
+        """The variables' logical axis names as a pytree of PartitionSpecs (nothing allocated); a
+        quantized kernel's codes and scales are sharded like the kernel."""
         batch = self.dummy_batch() if batch is None else batch
         abstract = jax.eval_shape(self._init_fn, jax.random.key(0), batch)
-        return nn.get_partition_spec(abstract)
+        axes = nn.get_partition_spec(abstract)
+        if quantized and self.weight_quantization is not None:
+            axes = {**axes, "params": quantization.quantized_logical_axes(axes["params"], self.param_shapes(batch))}
+        return axes
 
     def compute_logits(self, variables, batch: Mapping, *, dropout_rng=None, deterministic: bool = True):
         """float32 logits [batch, length, vocab]."""
@@ -152,6 +186,31 @@ class BaseModel:
     def output_head(self, params) -> OutputHead:
         """The logits projection's parameters, as the network itself defines them."""
         return self.module.apply({"params": params}, method="output_head")
+
+    def trainable_params_regex(self) -> Optional[str]:
+        """Which parameters training updates by default (a regex over '/'-joined paths; None: all).
+        A model with adapters trains only those (training/trainable.py)."""
+        return None if self.lora is None else TRAINABLE_REGEX
+
+    def fresh_params_regex(self) -> Optional[str]:
+        """Which parameters start fresh when fine-tuning from a pretrained checkpoint
+        (`train.init_checkpoint`) instead of being restored from it: a regex over '/'-joined paths
+        (None: none). LoRA adapters; a classifier adds its head (models/encoder_classifier.py)."""
+        return None if self.lora is None else TRAINABLE_REGEX
+
+    def split_fresh_params(self, params) -> tuple[dict, dict]:
+        """(pretrained, fresh): `params` (or any tree shaped like them) split by `fresh_params_regex`."""
+        regex = self.fresh_params_regex()
+        flat = traverse_util.flatten_dict(params, sep="/")
+        fresh = {k: v for k, v in flat.items() if regex is not None and re.search(regex, k)}
+        pretrained = {k: v for k, v in flat.items() if k not in fresh}
+        return traverse_util.unflatten_dict(pretrained, sep="/"), traverse_util.unflatten_dict(fresh, sep="/")
+
+    @staticmethod
+    def join_params(pretrained, fresh) -> dict:
+        """The inverse of `split_fresh_params`: one tree holding the leaves of both."""
+        flat = {**traverse_util.flatten_dict(pretrained, sep="/"), **traverse_util.flatten_dict(fresh, sep="/")}
+        return traverse_util.unflatten_dict(flat, sep="/")
 
     @staticmethod
     def num_params(variables) -> int:

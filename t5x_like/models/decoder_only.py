@@ -5,14 +5,16 @@ The network, and the model that owns its features, scoring, decoding and FLOPs (
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import gin
 import jax
+import seqio
 import jax.numpy as jnp
 import numpy as np
 
 from t5x_like.layers.attention import make_decoder_mask
+from t5x_like.layers.lora import LoraConfig
 from t5x_like.models.base import BaseModel, DecodeStart
 from t5x_like.models.config import DecoderOnlyConfig
 from t5x_like.models.flops import attention_flops, matmul_params, unembedding_params
@@ -22,6 +24,28 @@ from t5x_like.models.transformer import TransformerStack
 
 DECODER_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "decoder_segment_ids",
                     "decoder_positions")
+
+
+class SupervisedLMFeatureConverter(seqio.PrefixLMFeatureConverter):
+    """Causal fine-tuning on (inputs, targets): each row is inputs then targets (packed, with
+    segment ids), the loss only on targets, and the attention causal everywhere.
+
+    seqio's prefix-LM converter also marks the inputs as mutually visible (decoder_causal_attention),
+    which a causal model (GPT, LLaMA) never saw in pretraining nor sees when decoding; this drops it.
+    """
+
+    MODEL_FEATURES = {k: v for k, v in seqio.PrefixLMFeatureConverter.MODEL_FEATURES.items()
+                      if k != "decoder_causal_attention"}
+
+    def _convert_example(self, features):
+        out = dict(super()._convert_example(features))
+        out.pop("decoder_causal_attention")
+        return out
+
+    def get_model_feature_lengths(self, task_feature_lengths):
+        lengths = dict(super().get_model_feature_lengths(task_feature_lengths))
+        lengths.pop("decoder_causal_attention")
+        return lengths
 
 
 class DecoderOnly(NetworkBase):
@@ -39,7 +63,10 @@ class DecoderOnly(NetworkBase):
         batch, length = decoder_input_tokens.shape
         positions = default_positions(decoder_input_tokens, decoder_positions)
         x = self.dropout(self.embed(decoder_input_tokens, positions, deterministic), deterministic)
-        mask = make_decoder_mask(length, batch, decoder_target_tokens, decoder_segment_ids,
+        # No padding mask from `decoder_target_tokens > 0`: id 0 is a real token for imported tokenizers
+        # (Llama's <unk>, GPT-2's "!"). Rows are right-padded, so causality (and segment ids when
+        # packed) already keep every real position from seeing padding; padding has zero loss weight.
+        mask = make_decoder_mask(length, batch, None, decoder_segment_ids,
                                  decoder_causal_attention, positions, self.config.sliding_window)
         x = self.decoder(x, mask, positions, deterministic=deterministic,
                          causal_mask=decoder_causal_attention is None)
@@ -70,11 +97,20 @@ class DecoderOnlyModel(BaseModel):
                          "decoder_causal_attention")
     can_decode = True
 
-    def __init__(self, config: DecoderOnlyConfig = gin.REQUIRED):
-        super().__init__(config)
+    def __init__(self, config: DecoderOnlyConfig = gin.REQUIRED, lora: Optional[LoraConfig] = None,
+                 weight_quantization: Optional[str] = None):
+        super().__init__(config, lora, weight_quantization)
 
     def feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
         return dict.fromkeys(DECODER_FEATURES, task_feature_lengths.get("inputs", 0) + task_feature_lengths["targets"])
+
+    def feature_converter(self, task_features: Sequence[str], pack: bool = True):
+        """Targets alone: next-token LM. Inputs and targets: one causal row of inputs then targets
+        with the loss on the targets (prefix-LM attention over the inputs is the `prefix_lm`
+        objective's, for models pretrained that way)."""
+        if "inputs" in task_features:
+            return SupervisedLMFeatureConverter(pack=pack, loss_on_targets_only=True)
+        return seqio.LMFeatureConverter(pack=pack)
 
     def scoring_batch(self, inputs, targets) -> dict:
         """The model reads input then target; only target tokens are weighted. An empty input scores

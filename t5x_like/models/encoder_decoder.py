@@ -5,15 +5,17 @@ The network, and the model that owns its features, scoring, decoding and FLOPs (
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import seqio
 
 from t5x_like.layers.attention import make_cross_mask, make_decoder_mask, make_encoder_mask
-from t5x_like.models.base import BaseModel, DecodeStart
+from t5x_like.layers.lora import LoraConfig
+from t5x_like.models.base import BaseModel, DecodeStart, ModelCapabilityError
 from t5x_like.models.config import EncoderDecoderConfig
 from t5x_like.models.flops import attention_flops, matmul_params, unembedding_params
 from t5x_like.models.network_base import NetworkBase, default_positions
@@ -83,14 +85,21 @@ class EncoderDecoderModel(BaseModel):
                          "encoder_positions", "decoder_positions")
     can_decode = True
 
-    def __init__(self, config: EncoderDecoderConfig = gin.REQUIRED):
-        super().__init__(config)
+    def __init__(self, config: EncoderDecoderConfig = gin.REQUIRED, lora: Optional[LoraConfig] = None,
+                 weight_quantization: Optional[str] = None):
+        super().__init__(config, lora, weight_quantization)
 
     def feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
         enc, dec = task_feature_lengths["inputs"], task_feature_lengths["targets"]
         return {**dict.fromkeys(("encoder_input_tokens", "encoder_segment_ids", "encoder_positions"), enc),
                 **dict.fromkeys(("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
                                  "decoder_segment_ids", "decoder_positions"), dec)}
+
+    def feature_converter(self, task_features: Sequence[str], pack: bool = True):
+        if set(task_features) != {"inputs", "targets"}:
+            raise ModelCapabilityError(f"an encoder-decoder reads (inputs, targets) examples; this task has only "
+                                       f"{list(task_features)}")
+        return seqio.EncDecFeatureConverter(pack=pack)
 
     def scoring_batch(self, inputs, targets) -> dict:
         """Inputs to the encoder; targets decoded after the start id 0."""

@@ -5,7 +5,7 @@ The network, and the model that owns its features and FLOPs (models/base.py); it
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import flax.linen as nn
 import gin
@@ -15,6 +15,7 @@ from t5x_like.layers.dense import DenseGeneral
 from t5x_like.layers.embeddings import Embed
 from t5x_like.layers.mlp import ACTIVATION_FNS
 from t5x_like.layers.norms import Norm
+from t5x_like.layers.lora import LoraConfig
 from t5x_like.models.base import BaseModel
 from t5x_like.models.config import EncoderOnlyConfig
 from t5x_like.models.flops import attention_flops, matmul_params, unembedding_params
@@ -26,7 +27,9 @@ from t5x_like.models.transformer import TransformerStack, dtypes
 class EncoderOnly(NetworkBase):
     config: EncoderOnlyConfig
 
-    def setup(self):
+    def setup_encoder(self):
+        """Everything `encode` uses (embeddings, token types, embedding norm, the encoder stack);
+        a network on top of the encoder (models/encoder_classifier.py) adds its own head."""
         cfg = self.config
         dtype, param_dtype = dtypes(cfg)
         self.setup_embeddings()
@@ -37,6 +40,11 @@ class EncoderOnly(NetworkBase):
         if cfg.embedding_norm:
             self.embed_norm = Norm(cfg.norm_type, cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype)
         self.encoder = TransformerStack(cfg, cfg.num_layers, causal=False)
+
+    def setup(self):
+        cfg = self.config
+        dtype, param_dtype = dtypes(cfg)
+        self.setup_encoder()
         self.mlm_transform = DenseGeneral(cfg.d_model, ("embed", "mlp"), use_bias=True, dtype=dtype,
                                           param_dtype=param_dtype)
         self.mlm_norm = Norm(cfg.norm_type, cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype)
@@ -80,8 +88,9 @@ class EncoderOnlyModel(BaseModel):
     targets_feature = "encoder_target_tokens"
     weights_feature = "encoder_loss_weights"
 
-    def __init__(self, config: EncoderOnlyConfig = gin.REQUIRED):
-        super().__init__(config)
+    def __init__(self, config: EncoderOnlyConfig = gin.REQUIRED, lora: Optional[LoraConfig] = None,
+                 weight_quantization: Optional[str] = None):
+        super().__init__(config, lora, weight_quantization)
 
     def feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
         length = task_feature_lengths.get("inputs", task_feature_lengths.get("targets"))

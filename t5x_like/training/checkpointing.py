@@ -77,13 +77,21 @@ def restore_model_params(checkpoint_dir: str, model, step: Optional[int] = None,
     return restore_params(checkpoint_dir, step=step, target=abstract_params(model, mesh))
 
 
-def restore_params(directory: str, step: Optional[int] = None, target=None):
-    """Params of checkpoint `step` (default: the newest that verifies and restores); `target`
-    (arrays or ShapeDtypeStructs) fixes shapes, dtypes and shardings, otherwise they come back as
-    saved, on the default device. `directory` is a run folder (MODEL_DIR, an import) or its
-    checkpoints folder. Reads import folders (`params` item) and training folders (`state.params`)
-    alike. Corrupt or unverified steps are skipped with a warning (nothing is moved: a reader may
-    run beside a training run); an explicit corrupt `step` is a CheckpointError."""
+def restore_params(directory: str, step: Optional[int] = None, target=None, partial: bool = False):
+    """Params of checkpoint `step` (default: the newest that verifies and restores); see
+    `restore_params_and_step`."""
+    return restore_params_and_step(directory, step, target, partial)[0]
+
+
+def restore_params_and_step(directory: str, step: Optional[int] = None, target=None, partial: bool = False):
+    """(params, the step they come from) of checkpoint `step` (default: the newest that verifies
+    and restores); `target` (arrays or ShapeDtypeStructs) fixes shapes, dtypes and shardings,
+    otherwise they come back as saved, on the default device. `directory` is a run folder
+    (MODEL_DIR, an import) or its checkpoints folder. Reads import folders (`params` item) and
+    training folders (`state.params`) alike. Corrupt or unverified steps are skipped with a
+    warning (nothing is moved: a reader may run beside a training run); an explicit corrupt
+    `step` is a CheckpointError. `partial`: the checkpoint may hold arrays `target` lacks (a
+    pretrained masked-LM head under a classifier being fine-tuned); they are not read."""
     directory = os.path.abspath(os.fspath(directory))
     if os.path.isdir(checkpoints_dir(directory)):
         directory = checkpoints_dir(directory)
@@ -96,7 +104,7 @@ def restore_params(directory: str, step: Optional[int] = None, target=None):
         if step not in steps:
             raise CheckpointError(f"no checkpoint step {step} in {directory}; found {sorted(steps)}")
         try:
-            return _restore_params_step(directory, step, target, options)
+            return _restore_params_step(directory, step, target, options, partial), step
         except CorruptCheckpointError as e:
             raise CheckpointError(_explicit_corrupt_message(directory, e, steps)) from None
     if not steps:
@@ -106,7 +114,7 @@ def restore_params(directory: str, step: Optional[int] = None, target=None):
     for s in integrity.preference_order(directory, steps):
         verified = integrity.has_manifest(directory, s)
         try:
-            params = _restore_params_step(directory, s, target, options)
+            params = _restore_params_step(directory, s, target, options, partial)
         except CorruptCheckpointError as e:
             failures.append((s, e.reason))
             log.warning("checkpoint step %d in %s is corrupt (%s); skipping it", s, directory, e.reason)
@@ -127,23 +135,28 @@ def restore_params(directory: str, step: Optional[int] = None, target=None):
                         "interrupted); using it after a finiteness check", s, directory)
         elif failures:
             log.warning("using checkpoint step %d of %s instead", s, directory)
-        return params
+        return params, s
     details = "; ".join(f"step {s}: {r}" for s, r in failures)
     raise CheckpointError(f"no checkpoint in {directory} restores ({details}); write it again (train or "
                           "import_hf), or pass another checkpoint directory")
 
 
-def _restore_params_step(directory: str, step: int, target, options):
+def _restore_params_step(directory: str, step: int, target, options, partial: bool = False):
     """Verify step `step`, check `target` against its metadata, restore its params, check they
     are finite."""
     integrity.verify_step(directory, step)
     step_dir = os.path.join(directory, str(step))
     target = None if target is None else _abstract(target)
     if os.path.isdir(os.path.join(step_dir, "params")):
+        args = ocp.args.StandardRestore(target)
         if target is not None:
-            integrity.check_compatible(directory, step, os.path.join(step_dir, "params"), target, prefix=("params",))
+            integrity.check_compatible(directory, step, os.path.join(step_dir, "params"), target, partial=partial,
+                                       prefix=("params",))
+            if partial:
+                args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                              restore_args=ocp.checkpoint_utils.construct_restore_args(target))
         with ocp.CheckpointManager(directory, item_names=("params",), options=options) as manager:
-            out = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+            out = manager.restore(step, args=ocp.args.Composite(params=args))["params"]
             out = out if target is None else _check_shapes(out, target, "params")
     else:
         if target is None:  # a training state: read only its params subtree

@@ -34,6 +34,8 @@ _INTS = {
         ("batch_size", "BATCH_SIZE", 1, False, "the global batch size in rows, e.g. --gin.BATCH_SIZE=32"),
         ("log_every", "train.log_every", 1, False, "steps between train metric lines"),
         ("eval_every", "train.eval_every", 0, False, "steps between evaluations (0: none)"),
+        ("infer_eval_every", "train.infer_eval_every", 0, False,
+         "steps between generate-and-score evaluations (0: none)"),
         ("eval_batches", "train.eval_batches", 1, True, "batches per evaluation (None: the whole split)"),
         ("checkpoint_every", "train.checkpoint_every", 0, False,
          "steps between checkpoints (0: only the last step)"),

@@ -25,6 +25,7 @@ import optax
 
 from t5x_like.objectives import NUM_REAL_TARGET_TOKENS, CrossEntropyLoss, Loss, LossNormalizingFactor, loss_normalizer
 from t5x_like.training.train_state import TrainState
+from t5x_like.training.trainable import TrainableSubset
 
 PER_STEP_METRICS = ("loss", "grad_norm", "is_finite", "learning_rate")
 
@@ -52,31 +53,35 @@ def train_step(model, optimizer, state: TrainState, batch: Mapping, *, loss: Opt
     loss = CrossEntropyLoss() if loss is None else loss
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     step_rng = jax.random.fold_in(state.rng, state.step)
+    # Gradients and updates only for the trainable parameters (all, unless the optimizer is a
+    # TrainableSubset): frozen ones get no weight-gradient matmuls and stay bitwise unchanged.
+    subset = optimizer if isinstance(optimizer, TrainableSubset) else TrainableSubset(optimizer, None)
+    trainable, frozen = subset.split(state.params)
 
-    def loss_sums(params, batch, rng):
-        sums = loss(model, params, batch, rng if dropout else None)
+    def loss_sums(trainable, batch, rng):
+        sums = loss(model, subset.merge(trainable, frozen), batch, rng if dropout else None)
         return sums["loss"], sums
 
     grad_fn = jax.grad(loss_sums, has_aux=True)
     if num_microbatches <= 1:
-        grads, sums = grad_fn(state.params, batch, step_rng)
+        grads, sums = grad_fn(trainable, batch, step_rng)
     else:
         def accumulate(carry, xs):
             index, micro = xs
-            grads, sums = grad_fn(state.params, micro, jax.random.fold_in(step_rng, index))
+            grads, sums = grad_fn(trainable, micro, jax.random.fold_in(step_rng, index))
             add = lambda a, b: a + b.astype(a.dtype)  # noqa: E731
             return jax.tree_util.tree_map(add, carry, (grads, sums)), None
 
         micro = split_microbatches(batch, num_microbatches)
         first = jax.tree_util.tree_map(lambda x: x[0], micro)
-        sum_shapes = jax.eval_shape(lambda p, b, r: loss_sums(p, b, r)[1], state.params, first, step_rng)
-        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), (state.params, sum_shapes))
+        sum_shapes = jax.eval_shape(lambda p, b, r: loss_sums(p, b, r)[1], trainable, first, step_rng)
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), (trainable, sum_shapes))
         (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(num_microbatches), micro))
 
     norm = loss_normalizer(sums, loss_normalizing_factor)
-    grads = jax.tree_util.tree_map(lambda g, p: (g / norm).astype(p.dtype), grads, state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    grads = jax.tree_util.tree_map(lambda g, p: (g / norm).astype(p.dtype), grads, trainable)
+    updates, opt_state = subset.update(grads, state.opt_state, trainable)
+    params = subset.merge(optax.apply_updates(trainable, updates), frozen)
 
     value, grad_norm = sums["loss"] / norm, optax.global_norm(grads)
     metrics = {**{k: v for k, v in sums.items() if k != "loss"}, "loss": value, "grad_norm": grad_norm,

@@ -108,9 +108,9 @@ def opt_state_logical_axes(opt_state_shapes, params_axes, params_shapes=None):
     return jax.tree_util.tree_unflatten(treedef, [spec(p, x) for p, x in leaves])
 
 
-def params_logical_axes(model, batch_shapes: Optional[Mapping] = None):
-    """The model's 'params' tree of logical PartitionSpecs."""
-    return model.logical_axes(_init_batch(batch_shapes))["params"]
+def params_logical_axes(model, batch_shapes: Optional[Mapping] = None, quantized: bool = True):
+    """The model's 'params' tree of logical PartitionSpecs (`quantized=False`: of its float form)."""
+    return model.logical_axes(_init_batch(batch_shapes), quantized=quantized)["params"]
 
 
 def _with_shardings(abstract, shardings):
@@ -118,13 +118,15 @@ def _with_shardings(abstract, shardings):
                                   abstract, shardings)
 
 
-def abstract_params(model, mesh=None, batch_shapes: Optional[Mapping] = None):
+def abstract_params(model, mesh=None, batch_shapes: Optional[Mapping] = None, quantized: bool = True):
     """ShapeDtypeStructs of the model's 'params' tree (nothing allocated), carrying the
-    NamedShardings its logical axes give on `mesh` when one is given: a restore target."""
-    abstract = model.param_shapes(_init_batch(batch_shapes))
+    NamedShardings its logical axes give on `mesh` when one is given: a restore target.
+    `quantized=False`: the float form of a model with weight_quantization (a pretrained checkpoint)."""
+    abstract = model.param_shapes(_init_batch(batch_shapes), quantized=quantized)
     if mesh is None:
         return abstract
-    return _with_shardings(abstract, partitioning.logical_to_sharding(params_logical_axes(model, batch_shapes), mesh))
+    axes = params_logical_axes(model, batch_shapes, quantized)
+    return _with_shardings(abstract, partitioning.logical_to_sharding(axes, mesh))
 
 
 def train_state_logical_axes(model, state_shapes: TrainState, batch_shapes: Optional[Mapping] = None) -> TrainState:

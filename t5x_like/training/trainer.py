@@ -26,6 +26,7 @@ from t5x_like.training.checkpointing import Checkpointer, checkpoints_dir, resto
 from t5x_like.training.matmul_peak import measure_matmul_peak
 from t5x_like.training.metrics_writer import MetricsWriter
 from t5x_like.training.train_state import abstract_params, init_fn, sharded_abstract_state
+from t5x_like.training.trainable import trainable_subset
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def _step_scalars(window: list[dict], seconds: float, flops_per_step: float, pea
     return out
 
 
-def _train_iterator(mixture_or_task_name, task_feature_lengths, batch_size, seed, pack, host_data, mesh):
+def _train_iterator(mixture_or_task_name, task_feature_lengths, batch_size, seed, pack, host_data, mesh, model):
     """This host's resumable training stream: its own data shard ("shard"), or every row of the
     stream filtered to the rows its devices hold ("slice": the same run for any host count)."""
     if host_data not in ("shard", "slice"):
@@ -93,10 +94,10 @@ def _train_iterator(mixture_or_task_name, task_feature_lengths, batch_size, seed
     if host_data == "slice":
         return data_iterators.get_iterator(mixture_or_task_name, task_feature_lengths, split="train",
                                            batch_size=batch_size, shuffle=True, seed=seed, pack=pack,
-                                           host_rows=partitioning.host_rows_of(mesh, batch_size))
+                                           host_rows=partitioning.host_rows_of(mesh, batch_size), model=model)
     return data_iterators.get_iterator(mixture_or_task_name, task_feature_lengths, split="train",
                                        batch_size=batch_size // jax.process_count(), shuffle=True, seed=seed,
-                                       pack=pack)
+                                       pack=pack, model=model)
 
 
 def _fresh_state(model, optimizer, batch_shapes, mesh, target, state_shardings, seed, init_checkpoint):
@@ -106,7 +107,17 @@ def _fresh_state(model, optimizer, batch_shapes, mesh, target, state_shardings, 
         state = jax.jit(init_fn(model, optimizer, batch_shapes), out_shardings=state_shardings)(
             jax.random.key_data(jax.random.key(seed)))
     if init_checkpoint:
-        state = state.replace(params=restore_params(init_checkpoint, target=target.params))
+        # A pretrained checkpoint holds the base weights in float; what the model adds for
+        # fine-tuning (`fresh_params_regex`: LoRA adapters, a classifier's head) starts fresh, arrays
+        # the model lacks (a masked-LM head) are not read, and a model with weight_quantization
+        # stores the base quantized (QLoRA).
+        base_target, _ = model.split_fresh_params(abstract_params(model, mesh, batch_shapes, quantized=False))
+        base_shardings, _ = model.split_fresh_params(state_shardings.params)
+        _, fresh = model.split_fresh_params(state.params)
+        base = restore_params(init_checkpoint, target=base_target, partial=True)
+        with partitioning.activation_context(mesh):
+            base = jax.jit(model.quantize_params, out_shardings=base_shardings)(base)
+        state = state.replace(params=model.join_params(base, fresh))
     return state
 
 
@@ -136,7 +147,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
           eval_every: int = 100, eval_batches: Optional[int] = 20, checkpoint_every: int = 100,
           keep_last: int = 3, keep_best: int = 1, async_checkpoints: bool = True,
           init_checkpoint: Optional[str] = None, measure_peak: bool = True, progress: bool = True,
-          unigram_baseline_batches: int = 0, host_data: str = "shard", gin_config_text: str = "",
+          unigram_baseline_batches: int = 0, host_data: str = "shard", trainable_params: Optional[str] = None,
+          infer_eval_every: int = 0, infer_eval: Optional[Callable] = None, gin_config_text: str = "",
           on_eval: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Train until `train_steps` (resuming from MODEL_DIR); returns the last eval results.
 
@@ -147,10 +159,20 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
     perplexity of token frequencies counted on that many train batches, on the same eval batches.
     `host_data`: "shard" (each host reads its own shard of the data) or "slice" (each host reads
     the whole stream and keeps the rows its devices hold: the same batches, hence the same run,
-    for any number of hosts). `on_eval(step, results)` is called after each evaluation with the
+    for any number of hosts). `trainable_params`: a regex over '/'-joined parameter paths; only
+    matching parameters train, the rest stay frozen (training/trainable.py; default: the model's
+    own choice, e.g. only its LoRA adapters, else everything). `on_eval(step, results)` is called after each evaluation with the
     {task: {metric: value}} results (sweeps report them to Optuna's pruner; it may raise to stop).
+    `infer_eval_every` > 0: every that many steps (and at the end), generate-and-score evaluation
+    with the task's metric_fns; `infer_eval(model, mixture_or_task_name, task_feature_lengths,
+    model_dir)` builds its evaluator once (runs/pretrain.gin binds inference's
+    `infer_eval_in_training()`); metrics go under infer_eval/<task>, predictions to
+    MODEL_DIR/inference_eval/.
     """
     run_checks.check_run("train", locals())  # types, ranges, lengths, memory: before anything is built
+    if infer_eval_every and infer_eval is None:
+        raise run_checks.RunValueError("train.infer_eval_every needs train.infer_eval (runs/pretrain.gin binds "
+                                       "@infer_eval_in_training())")
     model_dir = os.path.abspath(os.fspath(model_dir))
     run_checks.make_model_dir(model_dir)
     lock = run_lock.lock_run_dir(model_dir)  # before anything is written: one run per MODEL_DIR
@@ -162,9 +184,13 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
         if batch_size % jax.process_count():
             raise partitioning.MeshError(f"batch size {batch_size} is not divisible by {jax.process_count()} hosts")
 
-        iterator = _train_iterator(mixture_or_task_name, task_feature_lengths, batch_size, seed, pack, host_data, mesh)
+        optimizer = trainable_subset(optimizer, trainable_params if trainable_params is not None
+                                     else model.trainable_params_regex())
+        iterator = _train_iterator(mixture_or_task_name, task_feature_lengths, batch_size, seed, pack, host_data, mesh,
+                                   model)
         batch_shapes = _batch_shapes(iterator, batch_size)
         target, state_shardings = sharded_abstract_state(model, optimizer, batch_shapes, mesh)
+        optimizer.check(target.params)
 
         checkpointer = Checkpointer(checkpoints_dir(model_dir), save_interval_steps=checkpoint_every,
                                     keep_last=keep_last, keep_best=keep_best, async_save=async_checkpoints)
@@ -185,6 +211,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
         train_step = _compile(train_step, target, iterator, batch_shapes, mesh)
         evaluator = evaluation.Evaluator(model, mixture_or_task_name, task_feature_lengths, batch_size, mesh,
                                          param_shardings=state_shardings.params, max_batches=eval_batches, seed=seed)
+        infer_evaluator = (infer_eval(model, mixture_or_task_name, task_feature_lengths, model_dir)
+                           if infer_eval_every else None)
         lengths = {k: v[1] for k, v in batch_shapes.items()}
         flops_per_step = model.flops_per_example(target.params, lengths) * batch_size
         peak = measure_matmul_peak() if measure_peak else 0.0
@@ -240,6 +268,10 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
                     eval_metrics = _write_eval(writer, step_no, last_eval)
                     if on_eval is not None:
                         on_eval(step_no, last_eval)
+                    window_start = time.perf_counter()
+                if infer_evaluator is not None and (step_no % infer_eval_every == 0 or step_no == train_steps):
+                    drain()
+                    infer_evaluator.evaluate(state.params, step_no, writer=writer)
                     window_start = time.perf_counter()
                 save(step_no, force=step_no == train_steps, metrics=eval_metrics)
                 if sigterm.raised:

@@ -62,13 +62,16 @@ def test_vocabulary_from_file(tmp_path, write_file):
     path = data.get_vocabulary("spm").sentencepiece_model_file
     vocab = data.vocabulary_from_file(path)
     assert vocab.vocab_size == vocab_lib.DEFAULT_VOCAB_SIZE + 100 and vocab.decode(vocab.encode(TEXT)) == TEXT
-    # A model with SentencePiece's default ids (unk 0, bos 1, eos 2) is refused.
+    # A model with SentencePiece's default ids (unk 0, bos 1, eos 2, no pad: Llama's layout) keeps
+    # them, without sentinels (tests/data/test_hf_tokenizers.py has the rest).
     lines = "\n".join(f"sentence {i} about words and more words" for i in range(300))
     text = write_file("small.txt", lines.encode())
     spm.SentencePieceTrainer.train(input=text, model_prefix=str(tmp_path / "default"), vocab_size=40,
                                    logstream=open(os.devnull, "w"))
-    with pytest.raises(vocab_lib.VocabularyError, match="needs \\(0, 1, 2\\)"):
-        data.vocabulary_from_file(str(tmp_path / "default.model"))
+    default = data.vocabulary_from_file(str(tmp_path / "default.model"))
+    assert (default.unk_id, default.bos_id, default.eos_id, default.pad_id) == (0, 1, 2, 0)
+    assert default.tokenizer_pad_id is None and default.vocab_size == 40
+    assert default.decode(default.encode("sentence 7 about words")) == "sentence 7 about words"
     with pytest.raises(vocab_lib.VocabularyError, match="not a SentencePiece model"):
         data.vocabulary_from_file(write_file("junk.model", b"not a model"))
 

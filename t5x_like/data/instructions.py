@@ -1,0 +1,573 @@
+"""Instruction tuning data: JSONL prompt/response or chat records as seqio tasks with "inputs" and "targets".
+
+    name = register_instruction_task("my_sft", {"train": ["sft/*.jsonl"], "validation": ["dev.jsonl"]})
+    # gin: MIXTURE_OR_TASK_NAME = @register_instruction_task()   (gin/runs/instruction_tuning.gin)
+
+Records, one JSON object per line (`format="auto"` tells them apart per record):
+
+- prompt/response: `{"prompt": ..., "response": ...}` (field names: `prompt_field`, `response_field`)
+  is the chat `[user: prompt, assistant: response]`;
+- chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`.
+
+A conversation gives ONE EXAMPLE PER ASSISTANT MESSAGE: `inputs` = the conversation before it
+rendered with the generation prompt (the assistant header), `targets` = the rest of the conversation
+rendered up to and including that message: the reply plus the template's end-of-turn text. So only
+assistant text is ever a target (the loss of every model family's converter), and the tasks keep
+seqio's (inputs, targets) convention: an encoder-decoder reads inputs -> targets, a decoder-only
+model inputs + targets with the loss on the targets.
+
+Templates (`template=`):
+
+- "plain" (default): `<|system|>\\n{content}`, `<|user|>\\n{content}`, `<|assistant|>\\n{content}`
+  joined by "\\n"; the generation prompt is "\\n<|assistant|>\\n". A prompt/response record becomes
+  inputs "<|user|>\\n{prompt}\\n<|assistant|>\\n", targets "{response}".
+- "alpaca": the Alpaca prompt; a system message replaces its preamble ("Below is an instruction
+  that describes a task. ..."), user turns are "### Instruction:\\n{content}", assistant turns
+  "### Response:\\n{content}", joined by "\\n\\n". Targets are the reply alone.
+- "hf:<dir>": a Hugging Face tokenizer folder's own Jinja chat template (`chat_template.jinja`, else
+  `chat_template` in `tokenizer_config.json`), rendered as transformers' `apply_chat_template` does
+  (sandboxed Jinja, `messages`, `add_generation_prompt`, `bos_token`/`eos_token`/... from the
+  tokenizer config). Splitting at assistant turns renders prefixes: inputs = render(messages[:i],
+  add_generation_prompt=True), targets = render(messages[:i+1])[len(inputs):]; a template for which
+  the first is no prefix of the second is refused. Special tokens such as `<|eot_id|>` stay text:
+  the task's vocabulary tokenizes them.
+- any other string containing "{{" or "{%": such a Jinja template itself.
+
+EOS: targets end with EOS, and so do inputs (`inputs_eos=True`, seqio/T5X's convention for
+(inputs, targets) tasks and what an encoder-decoder's `prompt_ids` gives at inference); pass
+`inputs_eos=False` for a prompt that a decoder-only model continues directly. A prompt longer than
+its feature length keeps its end (the latest turns and the assistant header); targets keep their
+start.
+
+Every file is read once, at registration, and every record checked: a bad one is an
+`InstructionError` naming `path:LINE` and the fix, before any training starts. The rendered
+examples are kept in memory (instruction sets are small) and streamed in file order, or, when
+shuffled, in a seeded permutation of the whole split per epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob as globlib
+import hashlib
+import json
+import os
+import re
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+import gin
+import seqio
+import tensorflow as tf
+
+from t5x_like.data import vocabularies as vocab_lib
+from t5x_like.errors import UserError, one_line
+
+ROLES = ("system", "user", "assistant")
+FORMATS = ("auto", "prompt_response", "chat")
+TEMPLATES = ("plain", "alpaca")  # built-ins; also "hf:<dir>" and a Jinja string
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately "
+                   "completes the request.")
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_TASK_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:]*$")
+
+Files = Union[str, Sequence[str], Mapping[str, Union[str, Sequence[str]]]]
+
+
+class InstructionError(UserError):
+    """Instruction data or settings that cannot be used; the message names file:line and the fix."""
+
+
+# ------------------------------------------------------------------------------------- templates
+
+
+class ChatTemplate:
+    """Renders a conversation (a list of {"role", "content"} dicts) as text."""
+
+    name = "template"
+
+    def render(self, messages: Sequence[Mapping], add_generation_prompt: bool = False) -> str:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        return self.name
+
+
+class PlainTemplate(ChatTemplate):
+    """`<|role|>\\n{content}` blocks joined by "\\n"; generation prompt "\\n<|assistant|>\\n"."""
+
+    name = "plain"
+
+    def render(self, messages, add_generation_prompt=False):
+        blocks = [f"<|{m['role']}|>\n{m['content']}" for m in messages]
+        if add_generation_prompt:
+            blocks.append("<|assistant|>\n")
+        return "\n".join(blocks)
+
+
+class AlpacaTemplate(ChatTemplate):
+    """The Alpaca prompt: preamble (or the system message), "### Instruction:" and "### Response:"
+    blocks joined by blank lines."""
+
+    name = "alpaca"
+
+    def render(self, messages, add_generation_prompt=False):
+        messages = list(messages)
+        if messages and messages[0]["role"] == "system":
+            blocks, messages = [messages[0]["content"]], messages[1:]
+        else:
+            blocks = [ALPACA_PREAMBLE]
+        heads = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
+        blocks += [heads[m["role"]] + m["content"] for m in messages]
+        if add_generation_prompt:
+            blocks.append(heads["assistant"])
+        return "\n\n".join(blocks)
+
+
+class JinjaTemplate(ChatTemplate):
+    """A Hugging Face chat template, rendered the way transformers' `apply_chat_template` does:
+    an immutable sandboxed Jinja environment with trim_blocks, lstrip_blocks, loop controls, the
+    `{% generation %}` tag, `raise_exception`, `strftime_now` and a non-escaping `tojson`, given
+    `messages`, `tools=None`, `documents=None`, `add_generation_prompt` and the special tokens."""
+
+    def __init__(self, source: str, special_tokens: Optional[Mapping[str, str]] = None,
+                 origin: str = "the chat template"):
+        self.source = source
+        self.special_tokens = dict(special_tokens or {})
+        self.name = origin
+        self._template = _compile_jinja(source, origin)
+
+    def render(self, messages, add_generation_prompt=False):
+        return self._template.render(messages=[_alias_reasoning(m) for m in messages], tools=None, documents=None,
+                                     add_generation_prompt=add_generation_prompt, **self.special_tokens)
+
+    def fingerprint(self) -> str:
+        return json.dumps([self.source, self.special_tokens], sort_keys=True)
+
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _alias_reasoning(message: Mapping) -> dict:
+    """A message's reasoning under every name templates read it by (as transformers passes it)."""
+    message = dict(message)
+    reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+    if reasoning is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_jinja(source: str, origin: str):
+    try:
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise InstructionError(f"{origin} is a Jinja template and jinja2 is not installed; pip install "
+                               "'jinja2>=3.1.6', or use template='plain'") from None
+
+    class GenerationTag(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` (transformers marks assistant text with it):
+        renders its body unchanged."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        import datetime
+        return datetime.datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise InstructionError(f"{origin} is not a valid Jinja template ({one_line(e.message)}, template line "
+                               f"{e.lineno}); fix it or use template='plain'") from None
+
+
+def _special_token(value) -> Optional[str]:
+    if isinstance(value, Mapping):  # an AddedToken as transformers saves it
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def hf_template(folder: str) -> JinjaTemplate:
+    """The chat template of a Hugging Face tokenizer folder (what `save_pretrained` writes):
+    `chat_template.jinja` if present (transformers prefers it), else `tokenizer_config.json`'s
+    `chat_template` (a string, or named templates of which "default" is used); special tokens from
+    `tokenizer_config.json`, overridden by `special_tokens_map.json`."""
+    folder = os.path.expanduser(folder)
+    if os.path.basename(folder) == "tokenizer_config.json":
+        folder = os.path.dirname(folder) or "."
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isdir(folder):
+        raise InstructionError(f"template 'hf:{folder}': {folder} is not a folder; give a Hugging Face model or "
+                               "tokenizer folder holding tokenizer_config.json")
+    config = {}
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InstructionError(f"{config_path} is not valid JSON ({e}); fix the file") from None
+    tokens, special_map = {}, {}
+    map_path = os.path.join(folder, "special_tokens_map.json")
+    if os.path.isfile(map_path):
+        try:
+            with open(map_path, encoding="utf-8") as f:
+                special_map = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            special_map = {}
+    for values in (config, special_map):  # the map wins, as transformers merges it
+        for key in SPECIAL_TOKENS:
+            token = _special_token(values.get(key)) if isinstance(values, Mapping) else None
+            if token is not None:
+                tokens[key] = token
+    jinja_path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(jinja_path):
+        with open(jinja_path, encoding="utf-8") as f:
+            return JinjaTemplate(f.read(), tokens, f"the chat template {jinja_path}")
+    source = config.get("chat_template")
+    if isinstance(source, list):  # [{"name": ..., "template": ...}, ...]
+        source = {t.get("name"): t.get("template") for t in source if isinstance(t, Mapping)}
+    if isinstance(source, Mapping):
+        source = source.get("default")
+    if not isinstance(source, str):
+        where = config_path if os.path.isfile(config_path) else folder
+        raise InstructionError(f"template 'hf:{folder}': {where} has no chat_template (nor is there a "
+                               "chat_template.jinja); use a chat model's tokenizer folder, or template='plain'")
+    return JinjaTemplate(source, tokens, f"the chat template of {config_path}")
+
+
+def get_template(template: Union[str, ChatTemplate]) -> ChatTemplate:
+    """A template from its name: "plain", "alpaca", "hf:<dir>" or a Jinja string."""
+    if isinstance(template, ChatTemplate):
+        return template
+    if not isinstance(template, str):
+        raise InstructionError(f"template={template!r} must be 'plain', 'alpaca', 'hf:<tokenizer folder>' or a "
+                               "Jinja chat template string")
+    if template == "plain":
+        return PlainTemplate()
+    if template == "alpaca":
+        return AlpacaTemplate()
+    if template.startswith("hf:"):
+        return hf_template(template[3:])
+    if "{{" in template or "{%" in template:
+        return JinjaTemplate(template, origin="the given Jinja chat template")
+    raise InstructionError(f"unknown template {template!r}; use 'plain', 'alpaca', 'hf:<tokenizer folder>' "
+                           "(a Hugging Face chat template) or a Jinja chat template string")
+
+
+def split_conversation(template: ChatTemplate, messages: Sequence[Mapping],
+                       where: str = "conversation") -> list[tuple[str, str]]:
+    """(inputs, targets) for each assistant message: inputs = messages before it rendered with the
+    generation prompt, targets = what rendering through it adds (reply + end-of-turn text)."""
+    pairs = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i == 0 and isinstance(template, JinjaTemplate):  # transformers renders no empty conversation
+            raise InstructionError(f"{where}: the conversation starts with the assistant's message, so "
+                                   f"{template.name} has no prompt to render for it; start it with a user "
+                                   "(or system) message")
+        inputs = _render(template, messages[:i], True, where)
+        full = _render(template, messages[:i + 1], False, where)
+        if not full.startswith(inputs):
+            raise InstructionError(
+                f"{where}: {template.name} is not prefix-stable: the conversation through message {i + 1} does "
+                f"not start with the text of messages 1..{i} rendered with add_generation_prompt=True, so it "
+                "cannot be split into (inputs, targets) at assistant turns; use a template that renders earlier "
+                "turns the same way (e.g. template='plain')")
+        pairs.append((inputs, full[len(inputs):]))
+    return pairs
+
+
+def _render(template: ChatTemplate, messages, add_generation_prompt: bool, where: str) -> str:
+    if not isinstance(template, JinjaTemplate):
+        return template.render(messages, add_generation_prompt)
+    import jinja2
+
+    try:
+        return template.render(messages, add_generation_prompt)
+    except jinja2.exceptions.TemplateError as e:
+        raise InstructionError(f"{where}: {template.name} refused the conversation ({one_line(e.message or e)}); "
+                               "fix the record or choose another template") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise InstructionError(f"{where}: {template.name} failed on the conversation ({type(e).__name__}: "
+                               f"{one_line(e)}); fix the record or choose another template") from None
+
+
+# --------------------------------------------------------------------------------------- records
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordFormat:
+    """How records are read: `format` and the field names."""
+    format: str = "auto"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+
+
+def _type_name(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), type(value).__name__)
+
+
+def record_messages(record, fmt: RecordFormat, where: str) -> list[dict]:
+    """The conversation of one parsed JSONL record, checked (errors name `where`, i.e. path:LINE)."""
+    if not isinstance(record, dict):
+        raise InstructionError(f"{where}: a record must be a JSON object, got a {_type_name(record)}; write one "
+                               "object per line")
+    chat = fmt.format == "chat" or (fmt.format == "auto" and fmt.messages_field in record)
+    if not chat:
+        fields = []
+        for field in (fmt.prompt_field, fmt.response_field):
+            if field not in record:
+                hint = (f" (nor a {fmt.messages_field!r} list)" if fmt.format == "auto" else "")
+                setting = "prompt_field" if field == fmt.prompt_field else "response_field"
+                raise InstructionError(
+                    f"{where}: record has no {field!r} field{hint}; it has {sorted(record)[:8]}: add it, or name "
+                    f"the record's field with {setting}=...")
+            if not isinstance(record[field], str):
+                raise InstructionError(f"{where}: field {field!r} must be a string, got a "
+                                       f"{_type_name(record[field])}")
+            fields.append(record[field])
+        return [{"role": "user", "content": fields[0]}, {"role": "assistant", "content": fields[1]}]
+    messages = record.get(fmt.messages_field)
+    if messages is None:
+        raise InstructionError(f"{where}: record has no {fmt.messages_field!r} field; it has {sorted(record)[:8]}: "
+                               "add a list of {\"role\", \"content\"} messages, or name it with messages_field=...")
+    if not isinstance(messages, list) or not messages:
+        got = "an empty list" if messages == [] else "a " + _type_name(messages)
+        raise InstructionError(f"{where}: {fmt.messages_field!r} must be a non-empty list of {{\"role\", "
+                               f"\"content\"}} messages, got {got}")
+    out = []
+    for n, message in enumerate(messages, 1):
+        if not isinstance(message, dict):
+            raise InstructionError(f"{where}: message {n} must be an object with \"role\" and \"content\", got a "
+                                   f"{_type_name(message)}")
+        role = message.get("role")
+        if role not in ROLES:
+            what = f"has role {role!r}" if "role" in message else "has no 'role'"
+            raise InstructionError(f"{where}: message {n} {what}; roles are {', '.join(ROLES)}")
+        content = message.get("content")
+        if not isinstance(content, str):
+            what = "has no 'content'" if content is None else f"has content of type {_type_name(content)}"
+            raise InstructionError(f"{where}: message {n} {what}; each message needs its text as a "
+                                   "\"content\" string")
+        out.append({k: v for k, v in message.items() if v is not None})
+    if not any(m["role"] == "assistant" for m in out):
+        raise InstructionError(f"{where}: conversation has no assistant message, so nothing to learn; add the "
+                               "assistant's reply (role 'assistant') or drop the record")
+    return out
+
+
+def read_jsonl(path: str):
+    """(line number, parsed record) for each non-blank line; bad UTF-8 or JSON is an error at path:LINE."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InstructionError(f"{path}:{n}: not valid UTF-8 (byte {e.start + 1} of the line); convert "
+                                       "the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            if n == 1:
+                line = line.lstrip("\ufeff")
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InstructionError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); each line "
+                                       "must be one JSON object") from None
+
+
+def examples_from_file(path: str, fmt: RecordFormat, template: ChatTemplate) -> list[tuple[str, str]]:
+    """Every (inputs, targets) example of a JSONL file, in order."""
+    out = []
+    for n, record in read_jsonl(path):
+        where = f"{path}:{n}"
+        out.extend(split_conversation(template, record_messages(record, fmt, where), where))
+    return out
+
+
+def _split_files(files: Files, what: str) -> dict[str, list[str]]:
+    """{split: sorted absolute paths} from a glob, a list of globs (both "train") or {split: globs}."""
+    if isinstance(files, str):
+        files = {"train": [files]}
+    elif not isinstance(files, Mapping):
+        if files is None or not isinstance(files, (list, tuple)):
+            raise InstructionError(f"{what}: files={files!r} must be a path or glob, a list of them (the train "
+                                   "split), or {split: [paths or globs]}, e.g. {'train': ['sft/*.jsonl']}")
+        files = {"train": list(files)}
+    if not files:
+        raise InstructionError(f"{what}: files is empty; give e.g. {{'train': ['sft/*.jsonl']}}")
+    out = {}
+    for split, patterns in files.items():
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        if not patterns:
+            raise InstructionError(f"{what}: split {split!r} names no files; give paths or globs, or drop the split")
+        found = set()
+        for pattern in patterns:
+            matched = {os.path.abspath(p) for p in globlib.glob(os.path.expanduser(str(pattern)))
+                       if os.path.isfile(p)}
+            if not matched:
+                raise InstructionError(f"{what}: {pattern!r} (split {split!r}) matches no file; check the path, "
+                                       "or give a glob such as '/data/sft/*.jsonl'")
+            found |= matched
+        out[str(split)] = sorted(found)
+    return out
+
+
+# -------------------------------------------------------------------------------------- the task
+
+
+class InstructionSource(seqio.DataSource):
+    """The rendered {"inputs", "targets"} strings of each split, in file order; hosts take every
+    n-th example (`shard_info`). With `shuffle`, each host's examples are shuffled in full, anew
+    every epoch, from the seed (they are in memory; seqio's Task shuffles its buffer as well)."""
+
+    def __init__(self, examples: Mapping[str, Sequence[tuple[str, str]]]):
+        self._examples = {s: list(e) for s, e in examples.items()}
+        # No num_input_examples: seqio would then `cache()` a small split in memory (it already is),
+        # which freezes the first epoch's order.
+        super().__init__(splits=tuple(self._examples), caching_permitted=False)
+
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+        return True
+
+    def list_shards(self, split: str) -> Sequence[str]:
+        return [split]
+
+    def __repr__(self):
+        return f"InstructionSource({ {s: len(e) for s, e in self._examples.items()} })"
+
+    def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
+                    shard_info: Optional[seqio.ShardInfo] = None, *, sequence_length=None,
+                    use_cached: bool = False, num_epochs: Optional[int] = 1) -> tf.data.Dataset:
+        if split not in self._examples:
+            raise InstructionError(f"instruction task has no split {split!r}; it has {list(self._examples)}")
+        pairs = self._examples[split]
+        ds = tf.data.Dataset.from_tensor_slices({
+            "inputs": tf.constant([p[0] for p in pairs], tf.string),
+            "targets": tf.constant([p[1] for p in pairs], tf.string)})
+        if shard_info and shard_info.num_shards > 1:
+            ds = ds.shard(shard_info.num_shards, shard_info.index)
+        if shuffle and len(pairs) > 1:
+            ds = ds.shuffle(len(pairs), seed=seed, reshuffle_each_iteration=True)
+        return ds
+
+
+def keep_end_of_inputs(dataset: tf.data.Dataset, output_features, sequence_length=None) -> tf.data.Dataset:
+    """Cut a too-long `inputs` from the front, so the prompt keeps its latest turns and the
+    assistant header (room is left for the EOS `append_eos_after_trim` adds)."""
+    if not sequence_length or sequence_length.get("inputs") is None:
+        return dataset
+    keep = int(sequence_length["inputs"]) - int(bool(output_features["inputs"].add_eos))
+
+    def cut(example):
+        inputs = example["inputs"]
+        return {**example, "inputs": inputs[tf.maximum(tf.size(inputs) - keep, 0):]}
+
+    return dataset.map(cut, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+_CACHE: dict[str, tuple[str, dict[str, list[tuple[str, str]]]]] = {}  # settings -> (file state, examples)
+_REGISTERED: dict[str, tuple] = {}                          # task name -> registration key
+
+
+def _file_state(paths: Sequence[str]) -> list:
+    return [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
+
+
+@gin.configurable
+def register_instruction_task(name: Optional[str] = None, files: Files = gin.REQUIRED, vocabulary: str = "spm",
+                              format: str = "auto", prompt_field: str = "prompt",  # noqa: A002
+                              response_field: str = "response", messages_field: str = "messages",
+                              template: str = "plain", metric_fns: Sequence[Callable] = (),
+                              inputs_eos: bool = True) -> str:
+    """Register a seqio task with "inputs" and "targets" from JSONL instruction data; return its name.
+
+    `files`: {split: [paths or globs]} (a glob or a list of them is the train split). `vocabulary`:
+    a registered name ("spm", "byte") or a SentencePiece .model path. `format`: "auto" (per record:
+    a `messages_field` list is a chat, otherwise `prompt_field`/`response_field`), "prompt_response"
+    or "chat". `template`: "plain", "alpaca", "hf:<tokenizer folder>" or a Jinja chat template (see
+    the module docstring). `metric_fns`: seqio metric functions of the task (none by default).
+    `name`: by default "instructions_" and a digest of the files and settings.
+
+    Every file is read and every record rendered now, so bad data fails here with one line naming
+    path:LINE. Calling it again with the same settings and unchanged files returns at once (a gin
+    macro `@register_instruction_task()` is called wherever it is used).
+    """
+    if format not in FORMATS:
+        raise InstructionError(f"format={format!r} is not one of {FORMATS}")
+    for setting, value in (("prompt_field", prompt_field), ("response_field", response_field),
+                           ("messages_field", messages_field)):
+        if not isinstance(value, str) or not value:
+            raise InstructionError(f"{setting}={value!r} must be a field name")
+    what = f"register_instruction_task({name!r})" if name else "register_instruction_task"
+    split_files = _split_files(files, what)
+    chat_template = get_template(template)
+    vocab_name = vocab_lib.vocabulary_name(vocabulary)
+    vocab = vocab_lib.get_vocabulary(vocab_name)  # unknown names fail now; never trains a model
+    fmt = RecordFormat(format, prompt_field, response_field, messages_field)
+    settings = [split_files, dataclasses.astuple(fmt), chat_template.fingerprint()]
+    if name is None:
+        digest = hashlib.sha256(json.dumps([settings, vocab_name, inputs_eos]).encode()).hexdigest()
+        name = f"instructions_{digest[:12]}"
+    if not isinstance(name, str) or not _TASK_NAME_RE.match(name):
+        raise InstructionError(f"task name {name!r} must start with a letter and hold only letters, digits, '_', "
+                               "'.' and ':'")
+    if name in seqio.TaskRegistry.names() and name not in _REGISTERED:
+        raise InstructionError(f"a seqio task named {name!r} is already registered (not by "
+                               "register_instruction_task); choose another name")
+    settings_key = json.dumps(settings)
+    state = json.dumps({s: _file_state(p) for s, p in split_files.items()})
+    if _CACHE.get(settings_key, (None,))[0] != state:
+        examples = {}
+        for split, paths in split_files.items():
+            examples[split] = [pair for path in paths for pair in examples_from_file(path, fmt, chat_template)]
+            if not examples[split]:
+                raise InstructionError(f"{what}: the files of split {split!r} ({', '.join(paths[:3])}"
+                                       f"{', ...' if len(paths) > 3 else ''}) hold no records; point it at JSONL "
+                                       "files with records")
+        _CACHE[settings_key] = (state, examples)
+    metric_fns = list(metric_fns or ())
+    key = (settings_key, state, vocab_name, bool(inputs_eos), tuple(metric_fns))
+    if _REGISTERED.get(name) == key and name in seqio.TaskRegistry.names():
+        return name
+    seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add(
+        name,
+        source=InstructionSource(_CACHE[settings_key][1]),
+        output_features={
+            "inputs": seqio.Feature(vocabulary=vocab, add_eos=bool(inputs_eos), dtype=tf.int32),
+            "targets": seqio.Feature(vocabulary=vocab, add_eos=True, dtype=tf.int32)},
+        preprocessors=[
+            functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=True),
+            keep_end_of_inputs,
+            seqio.preprocessors.append_eos_after_trim,
+        ],
+        metric_fns=metric_fns,
+    )
+    _REGISTERED[name] = key
+    return name
