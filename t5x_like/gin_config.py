@@ -155,4 +155,10 @@ def model_gin_text(model, header: str = "") -> str:
     ]
     for field in dataclasses.fields(config):
         lines.append(f"{cfg_name}.{field.name} = {getattr(config, field.name)!r}")
+    lora = getattr(model, "lora", None)
+    if lora is not None:  # adapters (layers/lora.py) are part of the architecture
+        lines.append(f"{model_name}.lora = @LoraConfig()")
+        lines.extend(f"LoraConfig.{f.name} = {getattr(lora, f.name)!r}" for f in dataclasses.fields(lora))
+    if getattr(model, "weight_quantization", None) is not None:
+        lines.append(f"{model_name}.weight_quantization = {model.weight_quantization!r}")
     return "\n".join(lines) + "\n"

@@ -5,8 +5,11 @@ Modes:
   eval       validation perplexity of a checkpoint (gin/runs/eval.gin)
   plot       --run_dir=DIR (repeatable) --output=PNG: loss and perplexity curves of runs
   demo       build each model family from gin, count parameters, run a forward pass
-  import_hf  --hf_dir=DIR --output_dir=DIR: convert a Hugging Face checkpoint (safetensors) into an
-             Orbax checkpoint plus a gin file that rebuilds the architecture
+  import_hf  --hf_dir=DIR --output_dir=DIR [--peft_dir=DIR]: convert a Hugging Face checkpoint
+             (safetensors) into an Orbax checkpoint plus a gin file that rebuilds the architecture;
+             with --peft_dir, with that folder's LoRA adapters (peft format) on top
+  export_peft --run_dir=DIR --output_dir=DIR: the LoRA adapters of a run's latest checkpoint in peft's
+             format (adapter_config.json + adapter_model.safetensors): an adapter-only checkpoint
   infer      --input=FILE|- [--output=FILE.jsonl]: decode prompts (text lines or JSONL) with a checkpoint
              (gin/runs/infer.gin: greedy, sampling or beam search with a KV cache); JSONL out
   score      --input=FILE|- [--output=FILE.jsonl]: log-likelihood of (input, target) pairs (JSONL records
@@ -37,7 +40,7 @@ import sys
 from t5x_like.errors import UserError
 from t5x_like.runtime import quiet_startup
 
-MODES = ("train", "eval", "plot", "demo", "import_hf", "precompile", "infer", "score", "infer_eval", "sweep")
+MODES = ("train", "eval", "plot", "demo", "import_hf", "export_peft", "precompile", "infer", "score", "infer_eval", "sweep")
 
 
 class UsageError(UserError):
@@ -57,6 +60,7 @@ def parse_args(argv):
                         help="show TensorFlow / absl / CUDA start-up logging and library shutdown noise")
     parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
     parser.add_argument("--hf_dir", help="import_hf: folder written by transformers' save_pretrained")
+    parser.add_argument("--peft_dir", help="import_hf: LoRA adapters in peft's format to add to the import")
     parser.add_argument("--output_dir", help="import_hf: where the checkpoint and model.gin go; infer_eval: where "
                         "predictions and metrics go (the OUTPUT_DIR macro)")
     parser.add_argument("--run_dir", action="append", default=[], help="plot: a run's MODEL_DIR (repeatable)")
@@ -80,7 +84,7 @@ def parse_args(argv):
     return args, bindings
 
 
-def import_hf(hf_dir: str, output_dir: str) -> None:
+def import_hf(hf_dir: str, output_dir: str, peft_dir: str = None) -> None:
     from t5x_like import gin_config
     from t5x_like.interop import hf
     from t5x_like.training import checkpointing
@@ -93,6 +97,10 @@ def import_hf(hf_dir: str, output_dir: str) -> None:
     if os.path.exists(ckpt_dir) and (not os.path.isdir(ckpt_dir) or os.listdir(ckpt_dir)):
         raise UsageError(f"{ckpt_dir} already holds checkpoints; choose an empty --output_dir")
     model, variables = hf.load(hf_dir)
+    if peft_dir:
+        from t5x_like.interop import peft
+        params, lora_config = peft.load_adapters(peft_dir, model, variables["params"])
+        model, variables = type(model)(model.config, lora=lora_config), {**variables, "params": params}
     step_dir = checkpointing.save_params(ckpt_dir, 0, variables["params"])
     gin_file = os.path.join(output_dir, "model.gin")
     with open(gin_file, "w") as f:
@@ -108,6 +116,29 @@ def import_hf(hf_dir: str, output_dir: str) -> None:
         shutil.copy(os.path.join(hf_dir, name), os.path.join(output_dir, name))
     if set(copied) & set(tokenizer_files[:3]):
         print(f"tokenizer:  {', '.join(copied)} in {output_dir} (--gin.VOCABULARY=\"'{output_dir}'\")")
+
+
+def export_peft(run_dir: str, output_dir: str) -> None:
+    """Write the LoRA adapters of `run_dir`'s latest checkpoint (the model its config.gin, or an
+    import's model.gin, builds)."""
+    from t5x_like import gin_config
+    from t5x_like.interop import peft
+    from t5x_like.training import checkpointing
+
+    if not run_dir or not output_dir:
+        raise UsageError("export_peft needs --run_dir=DIR (a training run with LoRA) and --output_dir=DIR")
+    config = next((os.path.join(run_dir, n) for n in ("config.gin", "model.gin")
+                   if os.path.isfile(os.path.join(run_dir, n))), None)
+    if config is None:
+        raise UsageError(f"--run_dir={run_dir} has no config.gin or model.gin; pass the MODEL_DIR of a training "
+                         "run (or an import_hf folder)")
+    gin_config.parse([config], [])
+    model = gin_config.model_from_gin()
+    if model.lora is None:
+        raise UsageError(f"the model of {run_dir} has no LoRA adapters (its gin config binds no lora)")
+    params = checkpointing.restore_model_params(run_dir, model)
+    peft.save_adapters(output_dir, model, params, model.lora)
+    print(f"peft adapters: {output_dir}")
 
 
 def run_gin_mode(mode: str, gin_files, bindings) -> None:
@@ -216,7 +247,11 @@ def run_mode(args, bindings) -> None:
         from t5x_like import demo
         demo.run(args.gin_file, bindings)
     elif args.mode == "import_hf":
-        import_hf(args.hf_dir, args.output_dir)
+        import_hf(args.hf_dir, args.output_dir, args.peft_dir)
+    elif args.mode == "export_peft":
+        if len(args.run_dir) > 1:
+            raise UsageError("export_peft takes one --run_dir")
+        export_peft(args.run_dir[0] if args.run_dir else None, args.output_dir)
     elif args.mode in ("infer", "score"):
         run_inference_mode(args.mode, args.gin_file, bindings, args.input, args.output)
     elif args.mode == "infer_eval":

@@ -75,7 +75,7 @@ def info(name: str) -> TaskInfo:
     if is_registered(name):
         return TaskInfo(None, EXTERNAL, "")
     known = sorted(_TASKS)
-    raise CorpusError(f"no seqio task or mixture {name!r} is registered; e.g. {known[:6]} (all: "
+    raise CorpusError(f"no task or mixture {name!r} is registered (by t5x_like.data or seqio); e.g. {known[:6]} (all: "
                       "t5x_like.data.task_names()). Register a corpus with register_corpus, a mixture with "
                       "register_mixture, or your own task with seqio.TaskRegistry.add in a module your gin "
                       "file imports")

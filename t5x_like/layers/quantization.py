@@ -88,11 +88,10 @@ def _is_q(x) -> bool:
 
 
 def _block(n: int, requested: int) -> int:
-    if n % requested == 0:
-        return requested
-    if n < requested:
-        return n
-    raise ValueError(f"an axis of size {n} is neither a multiple of the block size {requested} nor shorter than it")
+    """The block size along an axis of `n` values: `requested`, or the whole (even) axis when it is
+    shorter. An axis that is not a multiple is zero-padded to one (as bitsandbytes pads its last
+    block): e.g. an MLP width of 688 stores 704 codes, 11 blocks of 64."""
+    return requested if n >= requested else n + n % 2
 
 
 def _pack(idx, axis: int):
@@ -142,7 +141,11 @@ def _quantize(x, scheme, block_size, in_axes) -> QuantizedArray:
     block = _block(n, block_size or DEFAULT_BLOCK_SIZE[scheme])
     if block % 2:
         raise ValueError(f"4-bit codes are packed in pairs along the blocked axis; block size {block} is odd")
-    blocks = xf.reshape(x.shape[:axis] + (n // block, block) + x.shape[axis + 1:])
+    padded = -(-n // block) * block
+    if padded != n:
+        xf = jnp.pad(xf, [(0, padded - n) if a == axis else (0, 0) for a in range(xf.ndim)])
+    shape = xf.shape
+    blocks = xf.reshape(shape[:axis] + (padded // block, block) + shape[axis + 1:])
     absmax = jnp.max(jnp.abs(blocks), axis=axis + 1, keepdims=True)
     inv = 1.0 / jnp.where(absmax > 0, absmax, 1.0)
     if scheme == "nf4":
@@ -152,7 +155,7 @@ def _quantize(x, scheme, block_size, in_axes) -> QuantizedArray:
     else:  # int4: symmetric, q in [-7, 7] stored as q + 8
         scale = absmax / 7.0
         idx = jnp.clip(jnp.round(blocks * (7.0 * inv)), -7, 7) + 8
-    codes = _pack(idx.astype(jnp.uint8).reshape(x.shape), axis)
+    codes = _pack(idx.astype(jnp.uint8).reshape(shape), axis)
     return QuantizedArray(codes=codes, scale=jnp.squeeze(scale, axis + 1), block_size=block, **meta)
 
 
@@ -172,9 +175,10 @@ def _dequantize(q: QuantizedArray, dtype) -> jax.Array:
     else:
         vals = idx.astype(jnp.float32) - 8.0
     shape = idx.shape
-    n = shape[axis]
-    vals = vals.reshape(shape[:axis] + (n // q.block_size, q.block_size) + shape[axis + 1:])
-    return (vals * jnp.expand_dims(q.scale, axis + 1)).reshape(shape).astype(dtype)
+    padded = shape[axis]
+    vals = vals.reshape(shape[:axis] + (padded // q.block_size, q.block_size) + shape[axis + 1:])
+    vals = (vals * jnp.expand_dims(q.scale, axis + 1)).reshape(shape)
+    return jax.lax.slice_in_dim(vals, 0, q.shape[q.in_ndim - 1], axis=axis).astype(dtype)  # drop the padding
 
 
 def nbytes(tree) -> int:

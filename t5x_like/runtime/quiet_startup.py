@@ -75,10 +75,20 @@ def _from_orbax(unraisable) -> bool:
 
 class OrbaxChatterFilter(logging.Filter):
     """Drops Orbax's INFO / WARNING records (logged through absl: "read_only=True, setting
-    create=False", "Given directory is read only", ...); its errors still show."""
+    create=False", "Given directory is read only", ...), and seqio's uncached-source warning; errors
+    still show."""
 
     def filter(self, record) -> bool:
-        return record.levelno > logging.WARNING or f"{os.sep}orbax{os.sep}" not in (record.pathname or "")
+        if record.levelno > logging.WARNING:
+            return True
+        if record.getMessage().startswith(UNCACHED_SOURCE_WARNING):
+            return False
+        return f"{os.sep}orbax{os.sep}" not in (record.pathname or "")
+
+
+# seqio warns that a shuffled FunctionDataSource reshuffles poorly "on restarts"; a t5x_like run
+# resumes by replaying the same seeded stream (data/iterators.py), so the warning does not apply.
+UNCACHED_SOURCE_WARNING = "Using an uncached FunctionDataset for training"
 
 
 class QuietUnraisableHook:

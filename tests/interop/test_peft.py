@@ -210,3 +210,30 @@ def test_t5_with_scaled_scores_folds_the_scale_into_b(tmp_path):
         assert sorted(json.load(f)["target_modules"]) == [f"{s}.block.0.layer.0.SelfAttention.{m}"
                                                           for s in ("decoder", "encoder") for m in "qv"]
     _check_round_trip(model_for_config(cfg), lora_model, params, lora_config, tmp_path)
+
+
+def test_cli_import_with_peft_dir_then_export_peft_round_trips(tmp_path):
+    """`import_hf --peft_dir` writes a LoRA checkpoint whose model.gin rebuilds the adapters, and
+    `export_peft` of that folder writes the same adapter tensors back (what a user runs)."""
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file
+
+    torch.manual_seed(0)
+    hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
+    base_dir, adapter_dir, _ = _peft_folders(hf_model, ["q_proj", "v_proj"], tmp_path, "CAUSAL_LM")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out, back = str(tmp_path / "imported"), str(tmp_path / "exported")
+    for args in (["import_hf", f"--hf_dir={base_dir}", f"--peft_dir={adapter_dir}", f"--output_dir={out}"],
+                 ["export_peft", f"--run_dir={out}", f"--output_dir={back}"]):
+        proc = subprocess.run([sys.executable, "-m", "t5x_like.main", *args], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LoraConfig.rank = 4" in open(os.path.join(out, "model.gin")).read()
+    want, got = (load_file(os.path.join(d, "adapter_model.safetensors")) for d in (adapter_dir, back))
+    assert sorted(want) == sorted(got)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    config = json.load(open(os.path.join(back, "adapter_config.json")))
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]

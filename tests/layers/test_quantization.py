@@ -69,6 +69,22 @@ def test_int8_per_channel_and_int4_error_bounds():
         np.testing.assert_array_equal(qs.scale[layer], one.scale)
 
 
+def test_an_axis_that_is_not_a_multiple_of_the_block_is_zero_padded():
+    """The quickstart model's MLP width 688 = 10.75 blocks of 64: stored as 11 blocks, each value
+    quantized exactly as in an array padded with zeros by hand, and the padding never returned."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((688, 8)).astype(np.float32)
+    for scheme, rows in (("nf4", 704), ("int4", 768)):  # blocks of 64 and 128
+        padded = np.concatenate([x, np.zeros((rows - 688, 8), np.float32)])
+        q, ref = quantize(x, scheme), quantize(padded, scheme)
+        assert q.shape == (688, 8) and q.codes.shape == (rows // 2, 8)
+        np.testing.assert_array_equal(q.codes, ref.codes)
+        np.testing.assert_array_equal(q.scale, ref.scale)
+        np.testing.assert_array_equal(dequantize(q), np.asarray(dequantize(ref))[:688])
+    odd = quantize(rng.standard_normal((5, 3)).astype(np.float32), "nf4")  # shorter than a block: one block
+    assert odd.block_size == 6 and dequantize(odd).shape == (5, 3)
+
+
 @pytest.mark.parametrize("stacked", [False, True])
 def test_nf4_matches_float64_reference(stacked):
     rng = np.random.default_rng(1)
