@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import shutil
 import sys
 
 from t5x_like.errors import UserError
@@ -109,10 +110,9 @@ def import_hf(hf_dir: str, output_dir: str, peft_dir: str = None) -> None:
     print(f"checkpoint: {step_dir}\ngin file:   {gin_file}")
     # The tokenizer infer/score/eval read (VOCABULARY = a file, or the output folder: tokenizer.json first).
     tokenizer_files = ("tokenizer.json", "tokenizer.model", "spiece.model", "tokenizer_config.json",
-                       "special_tokens_map.json")
+                       "special_tokens_map.json", "chat_template.jinja")  # the last: hf:<OUT> chat template
     copied = [name for name in tokenizer_files if os.path.isfile(os.path.join(hf_dir, name))]
     for name in copied:
-        import shutil
         shutil.copy(os.path.join(hf_dir, name), os.path.join(output_dir, name))
     if set(copied) & set(tokenizer_files[:3]):
         print(f"tokenizer:  {', '.join(copied)} in {output_dir} (--gin.VOCABULARY=\"'{output_dir}'\")")

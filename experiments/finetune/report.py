@@ -1,6 +1,6 @@
 """Table and plot of the fine-tuning runs (experiments/finetune/README.md).
 
-    python experiments/finetune/report.py [--runs runs/finetune_full runs/finetune_lora runs/finetune_qlora]
+    python experiments/finetune/report.py [--runs runs/finetune_full runs/finetune_lora ...]
 
 For each run: validation NLL and token accuracy (last evaluation), exact match and chrF of the
 generate-and-score evaluation (`infer_eval` into the run folder), trainable parameters, optimizer-
@@ -56,7 +56,7 @@ def metrics(run_dir: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", nargs="+", default=[f"runs/finetune_{k}" for k in ("full", "lora", "qlora")])
+    parser.add_argument("--runs", nargs="+", default=[f"runs/finetune_{k}" for k in ("full", "lora", "qlora", "t5_full", "t5_lora")])
     args = parser.parse_args()
     results = {run: {**state_sizes(run), **metrics(run)} for run in args.runs}
     print("| run | val NLL | token acc | exact match | chrF | trainable params | optimizer state | params | step |")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
+import jax
+import jax.numpy as jnp
 from flax import traverse_util
 
 from t5x_like.errors import UserError
@@ -74,6 +76,20 @@ class TrainableSubset:
             return trainable
         flat = {**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trainable)}
         return traverse_util.unflatten_dict(flat)
+
+    def flops_per_example(self, model, params, feature_lengths) -> float:
+        """The model's training FLOPs per example (`params`: float shapes) when only this subset
+        trains: a frozen kernel skips its weight-gradient matmul, 2 of the 6 FLOPs per parameter
+        and token. The formula is linear in each kernel's size, so evaluating it with the frozen
+        kernels emptied isolates their share."""
+        full = model.flops_per_example(params, feature_lengths)
+        if self._regex is None:
+            return full
+        empty = jax.ShapeDtypeStruct((0,), jnp.float32)
+        flat = traverse_util.flatten_dict(params)
+        trainable_only = traverse_util.unflatten_dict(
+            {k: v if self.is_trainable("/".join(k)) else empty for k, v in flat.items()})
+        return full - (full - model.flops_per_example(trainable_only, feature_lengths)) / 3
 
     def init(self, params):
         return self.optimizer.init(self.split(params)[0])

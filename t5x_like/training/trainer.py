@@ -214,7 +214,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
         infer_evaluator = (infer_eval(model, mixture_or_task_name, task_feature_lengths, model_dir)
                            if infer_eval_every else None)
         lengths = {k: v[1] for k, v in batch_shapes.items()}
-        flops_per_step = model.flops_per_example(target.params, lengths) * batch_size
+        float_params = abstract_params(model, batch_shapes=batch_shapes, quantized=False)
+        flops_per_step = optimizer.flops_per_example(model, float_params, lengths) * batch_size
         peak = measure_matmul_peak() if measure_peak else 0.0
         writer = MetricsWriter(model_dir, total_steps=train_steps, initial_step=start, progress=progress)
         if start == 0 and gin_config_text:

@@ -74,3 +74,42 @@ def test_patterns_that_select_nothing_or_are_not_regexes_are_user_errors():
     with pytest.raises(TrainableParamsError, match="is not a regular expression"):
         TrainableSubset(optax.sgd(1.0), "layers_(")
     TrainableSubset(optax.sgd(1.0), "norm").check(params)
+
+
+def test_lora_training_changes_only_adapters_and_keeps_state_for_them_alone():
+    """A LoRA model's default trainable set (model.trainable_params_regex) through the real step:
+    every base weight bitwise unchanged, the optimizer moments exactly the adapters'."""
+    from t5x_like.layers.lora import LoraConfig
+
+    base, batch = _setup()
+    model = type(base)(base.config, lora=LoraConfig(rank=4, targets="all-linear"))
+    adam = optimizers.Optimizer(optax.adam(1e-2), optax.constant_schedule(1e-2))
+    opt = trainable_subset(adam, model.trainable_params_regex())
+    before, after = _run(model, batch, opt)
+    b, a = _flat(before.params), _flat(after.params)
+    adapters = [p for p in b if p.endswith(("/lora_a", "/lora_b"))]
+    assert len(adapters) == 2 * 6 * 2  # 2 layers x (query, key, value, out, wi, wo) x (A, B)
+    for path in b:
+        if path.endswith("/lora_a"):  # B starts at zero, so only B moves on the first step
+            assert a[path].tobytes() == b[path].tobytes()
+        elif path.endswith("/lora_b"):
+            assert not np.array_equal(a[path], b[path])
+        else:
+            assert a[path].tobytes() == b[path].tobytes(), path
+    moments = sorted(tuple(x.shape) for x in jax.tree_util.tree_leaves(after.opt_state) if np.ndim(x) > 0)
+    assert moments == sorted(2 * [tuple(b[p].shape) for p in adapters])  # Adam's mu and nu, adapters only
+
+
+def test_flops_of_a_frozen_subset_drop_the_frozen_weight_gradients():
+    """6 FLOPs per parameter and token when everything trains; a frozen kernel costs 4 (forward and
+    activation gradient), so freezing all but the head removes 2 x (the other kernels) x tokens."""
+    from t5x_like.models.flops import matmul_params
+
+    model, _ = _setup()
+    params, lengths = model.param_shapes(), {"decoder_input_tokens": LENGTH}
+    sgd = optax.sgd(1.0)
+    full = TrainableSubset(sgd, None).flops_per_example(model, params, lengths)
+    assert full == model.flops_per_example(params, lengths)
+    head = TrainableSubset(sgd, "logits_dense/").flops_per_example(model, params, lengths)
+    frozen_kernels = matmul_params(params, model.config) - 32 * VOCAB
+    np.testing.assert_allclose(full - head, 2 * frozen_kernels * LENGTH, rtol=1e-12)

@@ -4,7 +4,7 @@ module their gin file imports): reverse the order of three words, byte vocabular
 import seqio
 import tensorflow as tf
 
-from t5x_like.data import vocabularies
+from t5x_like.data import metrics, vocabularies
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
 
@@ -30,4 +30,5 @@ seqio.TaskRegistry.add(
     source=seqio.FunctionDataSource(_source, splits=("train", "validation")),
     preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
     output_features={"inputs": seqio.Feature(VOCAB, add_eos=True), "targets": seqio.Feature(VOCAB, add_eos=True)},
+    metric_fns=[metrics.exact_match],
 )
