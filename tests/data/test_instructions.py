@@ -9,7 +9,7 @@ import pytest
 import seqio
 
 from t5x_like import errors
-from t5x_like.data import instructions
+from t5x_like.data import chat_templates, instructions
 from t5x_like.data.instructions import InstructionError, register_instruction_task
 
 EOS = 1
@@ -65,7 +65,7 @@ def test_prompt_response_records_give_exact_text_and_token_ids(write_file):
     # inputs_eos=False leaves the prompt as a decoder-only model continues it; Alpaca template.
     name = register_instruction_task("pr_alpaca", path, vocabulary="byte", template="alpaca", inputs_eos=False)
     ex = _examples(name)[0]
-    assert _text(ex) == (f"{instructions.ALPACA_PREAMBLE}\n\n### Instruction:\nAdd 2 and 3.\n\n### Response:\n", "5")
+    assert _text(ex) == (f"{chat_templates.ALPACA_PREAMBLE}\n\n### Instruction:\nAdd 2 and 3.\n\n### Response:\n", "5")
     assert ex["inputs"].tolist() == _byte_ids(_text(ex)[0]) and ex["targets"].tolist() == _byte_ids("5") + [EOS]
     # Other field names.
     path = _jsonl(write_file, "alpaca.jsonl", [{"instruction": "Say hi", "output": "hi"}])
@@ -152,7 +152,7 @@ def test_hf_chat_template_renders_as_transformers_apply_chat_template(template, 
                     full = hf.apply_chat_template(messages[:i + 1], tokenize=False)
                     assert full.startswith(inputs)
                     expected.append((inputs, full[len(inputs):]))
-        ours = instructions.get_template(f"hf:{folder}")
+        ours = chat_templates.get_template(f"hf:{folder}")
         for messages in conversations:
             for n in range(1, len(messages) + 1):
                 for gen in (False, True):

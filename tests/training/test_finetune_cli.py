@@ -39,9 +39,9 @@ def test_user_task_pretrain_qlora_eval_infer_eval_export(tmp_path):
 
     # The base is the pretrained run's, stored in NF4 and frozen; only the adapters trained.
     before, after = checkpointing.restore_params(base), checkpointing.restore_params(tuned)
-    wi_before, wi_after = before["decoder"]["layers_0"]["mlp"]["wi"], after["decoder"]["layers_0"]["mlp"]["wi"]
-    np.testing.assert_array_equal(wi_after["kernel"]["codes"], quantize(wi_before["kernel"], "nf4").codes)
-    assert np.abs(wi_after["lora_b"]).max() > 0  # B starts at zero
+    wo_before, wo_after = before["decoder"]["layers_0"]["mlp"]["wo"], after["decoder"]["layers_0"]["mlp"]["wo"]
+    np.testing.assert_array_equal(wo_after["kernel"]["codes"], quantize(wo_before["kernel"], "nf4").codes)
+    assert np.abs(wo_after["lora_b"]).max() > 0  # B starts at zero
     np.testing.assert_array_equal(after["token_embed"]["embedding"], before["token_embed"]["embedding"])
 
     out = cli("eval", "--gin_file=runs/eval.gin", *TASK, f"--gin.CHECKPOINT_DIR='{tuned}'", *QLORA)
