@@ -5,4 +5,5 @@ from t5x_like.objectives.cross_entropy import (NUM_REAL_TARGET_TOKENS, LossNorma
 from t5x_like.objectives.fused_cross_entropy import OutputHead, fused_cross_entropy_sums
 from t5x_like.objectives.loss import CrossEntropyLoss, Loss
 from t5x_like.objectives.metrics import EVAL_SUM_KEYS, SUM_KEYS, perplexity, summarize
+from t5x_like.objectives.preference import DPOLoss, PreferenceError, reference_logps
 from t5x_like.objectives.regression import MeanSquaredErrorLoss, squared_error_sums

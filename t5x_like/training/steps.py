@@ -30,19 +30,25 @@ from t5x_like.training.trainable import TrainableSubset
 PER_STEP_METRICS = ("loss", "grad_norm", "is_finite", "learning_rate")
 
 
-def split_microbatches(batch: Mapping, num_microbatches: int) -> dict:
-    """[B, ...] -> [k, B/k, ...] with microbatch j holding rows j, j+k, j+2k, ...
+def split_microbatches(batch: Mapping, num_microbatches: int, rows_per_example: int = 1) -> dict:
+    """[B, ...] -> [k, B/k, ...] with microbatch j holding rows j, j+k, j+2k, ... (or, for a loss
+    whose examples span `rows_per_example` consecutive rows, such as DPO's chosen/rejected pairs,
+    the groups j, j+k, ... whole).
 
     Strided rather than contiguous so that, with the batch sharded over devices in contiguous
     blocks, every microbatch still spreads evenly over all of them.
     """
-    sizes = {k: v.shape[0] for k, v in batch.items()}
-    bad = {k: n for k, n in sizes.items() if n % num_microbatches}
+    k, g = num_microbatches, rows_per_example
+    sizes = {name: v.shape[0] for name, v in batch.items()}
+    bad = {name: n for name, n in sizes.items() if n % (k * g)}
     if bad:
-        raise ValueError(f"batch size {bad} is not divisible by num_microbatches={num_microbatches}; "
+        raise ValueError(f"batch size {bad} is not divisible by num_microbatches={k} x rows_per_example={g}; "
                          "pick a batch size that is a multiple of it")
-    return {k: jnp.swapaxes(jnp.reshape(v, (v.shape[0] // num_microbatches, num_microbatches) + v.shape[1:]), 0, 1)
-            for k, v in batch.items()}
+
+    def split(v):
+        grouped = jnp.reshape(v, (v.shape[0] // (k * g), k, g) + v.shape[1:])
+        return jnp.reshape(jnp.swapaxes(grouped, 0, 1), (k, v.shape[0] // k) + v.shape[1:])
+    return {name: split(v) for name, v in batch.items()}
 
 
 def train_step(model, optimizer, state: TrainState, batch: Mapping, *, loss: Optional[Loss] = None,
@@ -72,7 +78,7 @@ def train_step(model, optimizer, state: TrainState, batch: Mapping, *, loss: Opt
             add = lambda a, b: a + b.astype(a.dtype)  # noqa: E731
             return jax.tree_util.tree_map(add, carry, (grads, sums)), None
 
-        micro = split_microbatches(batch, num_microbatches)
+        micro = split_microbatches(batch, num_microbatches, getattr(loss, "rows_per_example", 1))
         first = jax.tree_util.tree_map(lambda x: x[0], micro)
         sum_shapes = jax.eval_shape(lambda p, b, r: loss_sums(p, b, r)[1], trainable, first, step_rng)
         zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), (trainable, sum_shapes))

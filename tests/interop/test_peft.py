@@ -212,6 +212,7 @@ def test_t5_with_scaled_scores_folds_the_scale_into_b(tmp_path):
     _check_round_trip(model_for_config(cfg), lora_model, params, lora_config, tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_import_with_peft_dir_then_export_peft_round_trips(tmp_path):
     """`import_hf --peft_dir` writes a LoRA checkpoint whose model.gin rebuilds the adapters, and
     `export_peft` of that folder writes the same adapter tensors back (what a user runs)."""

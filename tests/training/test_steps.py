@@ -113,6 +113,9 @@ def test_split_microbatches_is_strided_and_checks_divisibility():
     np.testing.assert_array_equal(micro[1, :, 0], [1, 5])
     with pytest.raises(ValueError, match="divisible by num_microbatches=3"):
         split_microbatches(batch, 3)
+    # Examples of two consecutive rows (DPO's chosen/rejected pairs) stay whole: pairs 1 and 3.
+    pairs = split_microbatches(batch, 2, rows_per_example=2)["x"]
+    np.testing.assert_array_equal(pairs[1, :, 0], [2, 3, 6, 7])
 
 
 @pytest.mark.parametrize("make_opt", [
