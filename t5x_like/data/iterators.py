@@ -59,6 +59,10 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
         raise CorpusError(f"{mixture_or_task_name!r} has no split {split!r}; it has {list(provider.splits)}")
     converter = feature_converter or tasks_lib.feature_converter_for_task(mixture_or_task_name, pack,
                                                                           objective, model)
+    rows = int(getattr(converter, "rows_per_example", 1))  # preference pairs: 2 adjacent rows
+    if batch_size % rows:
+        raise CorpusError(f"{mixture_or_task_name!r} gives {rows} rows per example (a chosen/rejected pair), "
+                          f"so the per-host batch size must be a multiple of {rows}; got {batch_size}")
     ds = seqio.get_dataset(
         mixture_or_task_name, task_feature_lengths=lengths, feature_converter=converter,
         dataset_split=split, shuffle=shuffle, num_epochs=num_epochs,
@@ -170,6 +174,10 @@ def get_iterator(mixture_or_task_name: str, task_feature_lengths: Mapping[str, i
     start, stop = (int(x) for x in host_rows)
     if not 0 <= start < stop <= batch_size:
         raise ValueError(f"host_rows {host_rows} must lie within the global batch of {batch_size} rows")
+    pairs = tasks_lib.REJECTED in seqio.get_mixture_or_task(mixture_or_task_name).output_features
+    if pairs and (start % 2 or stop % 2):
+        raise CorpusError(f"host_rows {host_rows} would split a (chosen, rejected) pair of {mixture_or_task_name!r} "
+                          "between hosts; use a batch size that gives every host an even number of rows")
     config["host_rows"] = [start, stop]
     return DataIterator(lambda: get_dataset(shard_info=shard_info, **kwargs).map(
         lambda b: {k: v[start:stop] for k, v in b.items()}), config)

@@ -61,6 +61,10 @@ def mixture_name(corpus: str, vocabulary: str) -> str:
 # module, TFDS-backed, from files, ...): its examples are supervised (inputs, targets) pairs or plain
 # targets, and the model picks the feature converter (`BaseModel.feature_converter`), as in T5X.
 EXTERNAL = "external"
+# A task whose output features include "rejected" holds preference pairs (data/preferences.py):
+# inputs (the prompt), targets (the chosen completion) and rejected; `PreferenceFeatureConverter`
+# reads it as adjacent (chosen, rejected) rows for objectives/preference.DPOLoss.
+REJECTED = "rejected"
 
 
 def is_registered(name: str) -> bool:
@@ -264,6 +268,47 @@ class LengthWeightedLMFeatureConverter(seqio.LMFeatureConverter):
         return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+class PreferenceFeatureConverter(seqio.FeatureConverter):
+    """Preference pairs as adjacent rows: each {inputs, targets (chosen), rejected} example becomes
+    {inputs, targets=chosen} then {inputs, targets=rejected} (order kept, chosen first), read by
+    `converter`, the model's own unpacked (inputs, targets) converter. So rows 2i / 2i+1 are a pair
+    with the loss weights on the completions, for any model family. Never packed (`pack` is ignored:
+    the evaluator asks for packing). Task lengths: inputs, targets, and rejected (= targets by
+    default); the rows get targets length max(targets, rejected)."""
+
+    TASK_FEATURES = {"inputs": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+                     "targets": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+                     REJECTED: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)}
+    MODEL_FEATURES = {}
+    PACKING_FEATURE_DTYPES = {}
+    rows_per_example = 2  # iterators.get_dataset keeps pairs in one batch
+
+    def __init__(self, converter: seqio.FeatureConverter):
+        super().__init__(pack=False)
+        self.converter = converter
+
+    @staticmethod
+    def _row_lengths(task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
+        targets = int(task_feature_lengths["targets"])
+        return {"inputs": int(task_feature_lengths["inputs"]),
+                "targets": max(targets, int(task_feature_lengths.get(REJECTED, targets)))}
+
+    def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        # Delegates to `converter`'s own __call__ and checks, as seqio's DecoderFeatureConverter does.
+        def pair(ex):
+            chosen = tf.data.Dataset.from_tensors({"inputs": ex["inputs"], "targets": ex["targets"]})
+            return chosen.concatenate(tf.data.Dataset.from_tensors({"inputs": ex["inputs"],
+                                                                    "targets": ex[REJECTED]}))
+
+        return self.converter(ds.flat_map(pair), self._row_lengths(task_feature_lengths))
+
+    def _convert_features(self, ds, task_feature_lengths):
+        raise NotImplementedError("PreferenceFeatureConverter delegates to its converter")
+
+    def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
+        return self.converter.get_model_feature_lengths(self._row_lengths(task_feature_lengths))
+
+
 @gin.configurable
 def feature_converter_for(objective: str, pack: bool = True, vocabulary: Optional[seqio.Vocabulary] = None,
                           bos_id: Optional[int] = None) -> seqio.FeatureConverter:
@@ -301,6 +346,8 @@ def feature_converter_for_task(name: str, pack: bool = True, objective: Optional
         if model is None:
             raise CorpusError(f"task {name!r} was registered with seqio directly, so the model picks its "
                               "feature converter: pass the model (or a feature_converter)")
+        if REJECTED in seqio.get_mixture_or_task(name).output_features:
+            return PreferenceFeatureConverter(model.feature_converter(("inputs", "targets"), pack=False))
         return model.feature_converter(output_features(name), pack)
     return feature_converter_for(objective, pack, vocab_lib.get_vocabulary(task.vocabulary), bos_id=task.bos_id)
 
@@ -368,6 +415,12 @@ def _check_external_lengths(name: str, lengths: dict) -> dict[str, int]:
     short = {k: lengths[k] for k in features if int(lengths[k]) < 1}
     if short:
         raise CorpusError(f"task_feature_lengths {short} for {name!r} must be >= 1")
+    if REJECTED in seqio.get_mixture_or_task(name).output_features and "targets" in lengths:
+        # Preference pairs: the rejected completion has the targets length (a row holds either).
+        given = int(lengths.setdefault(REJECTED, lengths["targets"]))
+        if given != int(lengths["targets"]):
+            raise CorpusError(f"task_feature_lengths {lengths} for {name!r}: the rejected completion uses the "
+                              f"targets length; drop 'rejected' (or set it to {lengths['targets']})")
     return {k: int(v) for k, v in lengths.items() if k not in scalars}
 
 

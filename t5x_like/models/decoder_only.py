@@ -9,9 +9,9 @@ from typing import Mapping, Optional, Sequence
 
 import gin
 import jax
-import seqio
 import jax.numpy as jnp
 import numpy as np
+import seqio
 
 from t5x_like.layers.attention import make_decoder_mask
 from t5x_like.layers.lora import LoraConfig
