@@ -161,8 +161,9 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
     the whole stream and keeps the rows its devices hold: the same batches, hence the same run,
     for any number of hosts). `trainable_params`: a regex over '/'-joined parameter paths; only
     matching parameters train, the rest stay frozen (training/trainable.py; default: the model's
-    own choice, e.g. only its LoRA adapters, else everything). `on_eval(step, results)` is called after each evaluation with the
-    {task: {metric: value}} results (sweeps report them to Optuna's pruner; it may raise to stop).
+    own choice, e.g. only its LoRA adapters, else everything). `on_eval(step, results)` is called
+    after each evaluation with the {task: {metric: value}} results (sweeps report them to Optuna's
+    pruner; it may raise to stop).
     `infer_eval_every` > 0: every that many steps (and at the end), generate-and-score evaluation
     with the task's metric_fns; `infer_eval(model, mixture_or_task_name, task_feature_lengths,
     model_dir)` builds its evaluator once (runs/pretrain.gin binds inference's
