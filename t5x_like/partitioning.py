@@ -44,6 +44,7 @@ DEFAULT_RULES = (
     ("token_types", None),
     ("lora_rank", None),  # LoRA adapters' rank axis (layers/lora.py): small, replicated
     ("classes", None),  # a classifier's output classes (models/encoder_classifier.py): few, replicated
+    ("reward", None),  # a reward model's scalar output (models/reward_model.py): replicated
 )
 
 

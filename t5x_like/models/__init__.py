@@ -9,4 +9,5 @@ from t5x_like.models.encoder_decoder import EncoderDecoder, EncoderDecoderModel
 from t5x_like.models.encoder_only import EncoderOnly, EncoderOnlyModel
 from t5x_like.models.encoder_classifier import (ClassificationFeatureConverter, EncoderClassifier,
                                                  EncoderClassifierConfig, EncoderClassifierModel)
+from t5x_like.models.reward_model import RewardModel, RewardModelConfig, RewardNetwork
 from t5x_like.models.registry import model_for_config, register, registered_families

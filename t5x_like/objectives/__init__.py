@@ -7,3 +7,4 @@ from t5x_like.objectives.loss import CrossEntropyLoss, Loss
 from t5x_like.objectives.metrics import EVAL_SUM_KEYS, SUM_KEYS, perplexity, summarize
 from t5x_like.objectives.preference import DPOLoss, PreferenceError, reference_logps
 from t5x_like.objectives.regression import MeanSquaredErrorLoss, squared_error_sums
+from t5x_like.objectives.reward import PairwiseRewardLoss, RewardLossError, score_completions
