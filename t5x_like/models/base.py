@@ -59,6 +59,9 @@ class BaseModel:
     targets_feature: str = "decoder_target_tokens"
     weights_feature: str = "decoder_loss_weights"
     can_decode: bool = False
+    # Parameters a fine-tuning head adds on top of a pretrained backbone (a regex over '/'-joined
+    # paths): they start fresh from a pretrained checkpoint, train in full under LoRA, stay unquantized.
+    head_regex: Optional[str] = None
 
     def __init__(self, config, lora: Optional[LoraConfig] = None, weight_quantization: Optional[str] = None):
         """`lora`: LoRA adapters on the dense kernels it targets (layers/lora.py); the network is then
@@ -144,10 +147,12 @@ class BaseModel:
 
     def quantize_params(self, params):
         """`params` in the form this model stores them: dense kernels quantized under
-        `weight_quantization` (a pretrained float checkpoint restored for QLoRA goes through here)."""
+        `weight_quantization` (a pretrained float checkpoint restored for QLoRA goes through here);
+        a fine-tuning head (`head_regex`, trained in full) stays unquantized."""
         if self.weight_quantization is None:
             return params
-        return quantization.quantize_params(params, self.weight_quantization)
+        exclude = r"(^|/)logits_dense/" + (f"|{self.head_regex}" if self.head_regex else "")
+        return quantization.quantize_params(params, self.weight_quantization, exclude_regex=exclude)
 
     def param_shapes(self, batch: Optional[Mapping] = None, quantized: bool = True):
         """ShapeDtypeStructs of the 'params' tree (nothing allocated): restore and conversion targets."""
@@ -189,14 +194,17 @@ class BaseModel:
 
     def trainable_params_regex(self) -> Optional[str]:
         """Which parameters training updates by default (a regex over '/'-joined paths; None: all).
-        A model with adapters trains only those (training/trainable.py)."""
-        return None if self.lora is None else TRAINABLE_REGEX
+        A model with adapters trains only those, plus its fine-tuning head (training/trainable.py)."""
+        if self.lora is None:
+            return None
+        return TRAINABLE_REGEX + (f"|{self.head_regex}" if self.head_regex else "")
 
     def fresh_params_regex(self) -> Optional[str]:
         """Which parameters start fresh when fine-tuning from a pretrained checkpoint
         (`train.init_checkpoint`) instead of being restored from it: a regex over '/'-joined paths
-        (None: none). LoRA adapters; a classifier adds its head (models/encoder_classifier.py)."""
-        return None if self.lora is None else TRAINABLE_REGEX
+        (None: none). LoRA adapters, and a fine-tuning head (`head_regex`)."""
+        parts = [r for r in (TRAINABLE_REGEX if self.lora is not None else None, self.head_regex) if r]
+        return "|".join(parts) or None
 
     def split_fresh_params(self, params) -> tuple[dict, dict]:
         """(pretrained, fresh): `params` (or any tree shaped like them) split by `fresh_params_regex`."""

@@ -44,9 +44,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from t5x_like.layers import quantization
 from t5x_like.layers.dense import DenseGeneral
-from t5x_like.layers.lora import TRAINABLE_REGEX, LoraConfig
+from t5x_like.layers.lora import LoraConfig
 from t5x_like.models.base import BaseModel, ModelCapabilityError
 from t5x_like.models.config import EncoderOnlyConfig
 from t5x_like.models.encoder_only import EncoderOnly
@@ -165,6 +164,7 @@ class EncoderClassifierModel(BaseModel):
     """Sequence classification (or regression, num_classes=1) with a BERT-style encoder."""
 
     network_cls = EncoderClassifier
+    head_regex = HEAD_REGEX
     required_features = ("encoder_input_tokens",)
     optional_features = ("encoder_segment_ids", "encoder_positions", "encoder_token_types")
     targets_feature = LABELS
@@ -216,22 +216,6 @@ class EncoderClassifierModel(BaseModel):
             raise ModelCapabilityError("a classifier with num_classes=1 regresses a score: train it with "
                                        "train.loss = @MeanSquaredErrorLoss(), not cross-entropy")
         return super().output_head(params)
-
-    def fresh_params_regex(self) -> Optional[str]:
-        """The head (pooler and classifier), and LoRA adapters if any: a pretrained encoder has none."""
-        base = super().fresh_params_regex()
-        return HEAD_REGEX if base is None else f"{base}|{HEAD_REGEX}"
-
-    def trainable_params_regex(self) -> Optional[str]:
-        """Everything; with LoRA the adapters and the whole head (a fresh head must train)."""
-        return None if self.lora is None else f"{TRAINABLE_REGEX}|{HEAD_REGEX}"
-
-    def quantize_params(self, params):
-        """As every model, except that the head (trained in full) stays unquantized."""
-        if self.weight_quantization is None:
-            return params
-        return quantization.quantize_params(params, self.weight_quantization,
-                                            exclude_regex=r"(^|/)logits_dense/|" + HEAD_REGEX)
 
     # ------------------------------------------------------------ evaluation and cost
 

@@ -34,9 +34,8 @@ from typing import Mapping, Optional, Sequence
 import gin
 import jax.numpy as jnp
 
-from t5x_like.layers import quantization
 from t5x_like.layers.dense import DenseGeneral
-from t5x_like.layers.lora import TRAINABLE_REGEX, LoraConfig
+from t5x_like.layers.lora import LoraConfig
 from t5x_like.models.base import ModelCapabilityError
 from t5x_like.models.config import DecoderOnlyConfig
 from t5x_like.models.decoder_only import DecoderOnly, DecoderOnlyModel
@@ -104,6 +103,7 @@ class RewardModel(DecoderOnlyModel):
     """One scalar reward per row from a decoder-only backbone (see the module docstring)."""
 
     network_cls = RewardNetwork
+    head_regex = HEAD_REGEX
     optional_features = ("decoder_target_tokens", "decoder_loss_weights", "decoder_segment_ids",
                          "decoder_positions", "decoder_causal_attention")
     can_decode = False
@@ -124,22 +124,6 @@ class RewardModel(DecoderOnlyModel):
     def output_head(self, params) -> OutputHead:
         raise ModelCapabilityError("a reward model has no vocabulary projection, so token cross-entropy does not "
                                    "apply: train it with train.loss = @PairwiseRewardLoss() (objectives/reward.py)")
-
-    def fresh_params_regex(self) -> Optional[str]:
-        """The reward head, and LoRA adapters if any: a decoder-only checkpoint has neither."""
-        base = super().fresh_params_regex()
-        return HEAD_REGEX if base is None else f"{base}|{HEAD_REGEX}"
-
-    def trainable_params_regex(self) -> Optional[str]:
-        """Everything; with LoRA the adapters and the whole (fresh) head."""
-        return None if self.lora is None else f"{TRAINABLE_REGEX}|{HEAD_REGEX}"
-
-    def quantize_params(self, params):
-        """As every model, except that the head (trained in full) stays unquantized."""
-        if self.weight_quantization is None:
-            return params
-        return quantization.quantize_params(params, self.weight_quantization,
-                                            exclude_regex=r"(^|/)logits_dense/|" + HEAD_REGEX)
 
     # ------------------------------------------------------------ scores and evaluation
 
