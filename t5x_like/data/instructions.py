@@ -246,12 +246,59 @@ def keep_end_of_inputs(dataset: tf.data.Dataset, output_features, sequence_lengt
     return dataset.map(cut, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-_CACHE: dict[str, tuple[str, dict[str, list[tuple[str, str]]]]] = {}  # settings -> (file state, examples)
-_REGISTERED: dict[str, tuple] = {}                          # task name -> registration key
-
-
 def _file_state(paths: Sequence[str]) -> list:
     return [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
+
+
+class JsonlTasks:
+    """What registering seqio tasks from JSONL files needs besides the records themselves (shared
+    by instruction and preference tasks): the task name (given, or `prefix` + a digest of the
+    settings), every file read once per content state, and a re-registration only when the files or
+    the settings changed (a gin macro calls the registering function wherever it is used)."""
+
+    def __init__(self, prefix: str, caller: str):
+        self.prefix, self.caller = prefix, caller
+        self._examples: dict[str, tuple[str, dict]] = {}   # settings -> (file state, examples per split)
+        self._registered: dict[str, tuple] = {}           # task name -> registration key
+
+    def prepare(self, name: Optional[str], files: Files, fmt, template: ChatTemplate, vocab_name: str,
+                inputs_eos: bool, read: Callable[[str], list], extra_key: tuple = ()) -> tuple[str, dict, tuple]:
+        """(task name, {split: examples}, registration key): `read(path)` gives a file's examples."""
+        what = f"{self.caller}({name!r})" if name else self.caller
+        split_files = _split_files(files, what)
+        settings = [split_files, dataclasses.astuple(fmt), template.fingerprint()]
+        if name is None:
+            digest = hashlib.sha256(json.dumps([settings, vocab_name, inputs_eos]).encode()).hexdigest()
+            name = f"{self.prefix}_{digest[:12]}"
+        if not isinstance(name, str) or not _TASK_NAME_RE.match(name):
+            raise InstructionError(f"task name {name!r} must start with a letter and hold only letters, digits, "
+                                   "'_', '.' and ':'")
+        if name in seqio.TaskRegistry.names() and name not in self._registered:
+            raise InstructionError(f"a seqio task named {name!r} is already registered (not by {self.caller}); "
+                                   "choose another name")
+        settings_key = json.dumps(settings)
+        state = json.dumps({s: _file_state(p) for s, p in split_files.items()})
+        if self._examples.get(settings_key, (None,))[0] != state:
+            examples = {}
+            for split, paths in split_files.items():
+                examples[split] = [ex for path in paths for ex in read(path)]
+                if not examples[split]:
+                    raise InstructionError(f"{what}: the files of split {split!r} ({', '.join(paths[:3])}"
+                                           f"{', ...' if len(paths) > 3 else ''}) hold no records; point it at "
+                                           "JSONL files with records")
+            self._examples[settings_key] = (state, examples)
+        key = (settings_key, state, vocab_name, bool(inputs_eos), *extra_key)
+        return name, self._examples[settings_key][1], key
+
+    def is_current(self, name: str, key: tuple) -> bool:
+        """Whether `name` is registered already with exactly this key (nothing to do)."""
+        return self._registered.get(name) == key and name in seqio.TaskRegistry.names()
+
+    def registered(self, name: str, key: tuple) -> None:
+        self._registered[name] = key
+
+
+_TASKS = JsonlTasks("instructions", "register_instruction_task")
 
 
 @gin.configurable
@@ -279,41 +326,20 @@ def register_instruction_task(name: Optional[str] = None, files: Files = gin.REQ
                            ("messages_field", messages_field)):
         if not isinstance(value, str) or not value:
             raise InstructionError(f"{setting}={value!r} must be a field name")
-    what = f"register_instruction_task({name!r})" if name else "register_instruction_task"
-    split_files = _split_files(files, what)
     chat_template = get_template(template)
     vocab_name = vocab_lib.vocabulary_name(vocabulary)
     vocab = vocab_lib.get_vocabulary(vocab_name)  # unknown names fail now; never trains a model
     fmt = RecordFormat(format, prompt_field, response_field, messages_field)
-    settings = [split_files, dataclasses.astuple(fmt), chat_template.fingerprint()]
-    if name is None:
-        digest = hashlib.sha256(json.dumps([settings, vocab_name, inputs_eos]).encode()).hexdigest()
-        name = f"instructions_{digest[:12]}"
-    if not isinstance(name, str) or not _TASK_NAME_RE.match(name):
-        raise InstructionError(f"task name {name!r} must start with a letter and hold only letters, digits, '_', "
-                               "'.' and ':'")
-    if name in seqio.TaskRegistry.names() and name not in _REGISTERED:
-        raise InstructionError(f"a seqio task named {name!r} is already registered (not by "
-                               "register_instruction_task); choose another name")
-    settings_key = json.dumps(settings)
-    state = json.dumps({s: _file_state(p) for s, p in split_files.items()})
-    if _CACHE.get(settings_key, (None,))[0] != state:
-        examples = {}
-        for split, paths in split_files.items():
-            examples[split] = [pair for path in paths for pair in examples_from_file(path, fmt, chat_template)]
-            if not examples[split]:
-                raise InstructionError(f"{what}: the files of split {split!r} ({', '.join(paths[:3])}"
-                                       f"{', ...' if len(paths) > 3 else ''}) hold no records; point it at JSONL "
-                                       "files with records")
-        _CACHE[settings_key] = (state, examples)
     metric_fns = list(metric_fns or ())
-    key = (settings_key, state, vocab_name, bool(inputs_eos), tuple(metric_fns))
-    if _REGISTERED.get(name) == key and name in seqio.TaskRegistry.names():
+    name, examples, key = _TASKS.prepare(name, files, fmt, chat_template, vocab_name, inputs_eos,
+                                         lambda path: examples_from_file(path, fmt, chat_template),
+                                         extra_key=(tuple(metric_fns),))
+    if _TASKS.is_current(name, key):
         return name
     seqio.TaskRegistry.remove(name)
     seqio.TaskRegistry.add(
         name,
-        source=InstructionSource(_CACHE[settings_key][1]),
+        source=InstructionSource(examples),
         output_features={
             "inputs": seqio.Feature(vocabulary=vocab, add_eos=bool(inputs_eos), dtype=tf.int32),
             "targets": seqio.Feature(vocabulary=vocab, add_eos=True, dtype=tf.int32)},
@@ -324,5 +350,5 @@ def register_instruction_task(name: Optional[str] = None, files: Files = gin.REQ
         ],
         metric_fns=metric_fns,
     )
-    _REGISTERED[name] = key
+    _TASKS.registered(name, key)
     return name

@@ -38,10 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
-import re
 from typing import Mapping, Optional, Sequence
 
 import gin
@@ -55,7 +52,6 @@ from t5x_like.data.chat_templates import ChatTemplate, InstructionError, get_tem
 
 logger = logging.getLogger(__name__)
 FEATURES = ("inputs", "targets", tasks_lib.REJECTED)
-_TASK_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:]*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,8 +188,7 @@ def truncation_counts(name: str, task_feature_lengths: Mapping[str, int], split:
     return seqio.get_mixture_or_task(name).source.truncation_counts(split, task_feature_lengths)
 
 
-_CACHE: dict[str, tuple[str, dict]] = {}
-_REGISTERED: dict[str, tuple] = {}
+_TASKS = instructions.JsonlTasks("preferences", "register_preference_task")
 
 
 @gin.configurable
@@ -214,41 +209,19 @@ def register_preference_task(name: Optional[str] = None, files: instructions.Fil
                            ("rejected_field", rejected_field), ("messages_field", messages_field)):
         if not isinstance(value, str) or not value:
             raise InstructionError(f"{setting}={value!r} must be a field name")
-    what = f"register_preference_task({name!r})" if name else "register_preference_task"
-    split_files = instructions._split_files(files, what)
     chat_template = get_template(template)
     vocab_name = vocab_lib.vocabulary_name(vocabulary)
     vocab = vocab_lib.get_vocabulary(vocab_name)
     fmt = PreferenceFormat(prompt_field, chosen_field, rejected_field, messages_field)
-    settings = [split_files, dataclasses.astuple(fmt), chat_template.fingerprint()]
-    if name is None:
-        digest = hashlib.sha256(json.dumps([settings, vocab_name, inputs_eos]).encode()).hexdigest()
-        name = f"preferences_{digest[:12]}"
-    if not isinstance(name, str) or not _TASK_NAME_RE.match(name):
-        raise InstructionError(f"task name {name!r} must start with a letter and hold only letters, digits, '_', "
-                               "'.' and ':'")
-    if name in seqio.TaskRegistry.names() and name not in _REGISTERED:
-        raise InstructionError(f"a seqio task named {name!r} is already registered (not by "
-                               "register_preference_task); choose another name")
-    settings_key = json.dumps(settings)
-    state = json.dumps({s: instructions._file_state(p) for s, p in split_files.items()})
-    if _CACHE.get(settings_key, (None,))[0] != state:
-        examples = {}
-        for split, paths in split_files.items():
-            examples[split] = [ex for path in paths for ex in examples_from_file(path, fmt, chat_template)]
-            if not examples[split]:
-                raise InstructionError(f"{what}: the files of split {split!r} ({', '.join(paths[:3])}"
-                                       f"{', ...' if len(paths) > 3 else ''}) hold no records; point it at JSONL "
-                                       "files with records")
-        _CACHE[settings_key] = (state, examples)
-    key = (settings_key, state, vocab_name, bool(inputs_eos))
-    if _REGISTERED.get(name) == key and name in seqio.TaskRegistry.names():
+    name, examples, key = _TASKS.prepare(name, files, fmt, chat_template, vocab_name, inputs_eos,
+                                         lambda path: examples_from_file(path, fmt, chat_template))
+    if _TASKS.is_current(name, key):
         return name
     seqio.TaskRegistry.remove(name)
     completion = seqio.Feature(vocabulary=vocab, add_eos=True, dtype=tf.int32)
     seqio.TaskRegistry.add(
         name,
-        source=PreferenceSource(_CACHE[settings_key][1], vocab, inputs_eos),
+        source=PreferenceSource(examples, vocab, inputs_eos),
         output_features={
             "inputs": seqio.Feature(vocabulary=vocab, add_eos=bool(inputs_eos), dtype=tf.int32),
             "targets": completion, tasks_lib.REJECTED: completion},
@@ -258,5 +231,5 @@ def register_preference_task(name: Optional[str] = None, files: instructions.Fil
             seqio.preprocessors.append_eos_after_trim,
         ],
     )
-    _REGISTERED[name] = key
+    _TASKS.registered(name, key)
     return name
