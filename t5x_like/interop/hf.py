@@ -165,8 +165,6 @@ def save(model: BaseModel, variables: dict, path: str) -> None:
     Written to a temporary folder first and moved into place, so an existing checkpoint at `path`
     is never left half-overwritten.
     """
-    from safetensors.numpy import save_file
-
     config = model.config
     conv = converter.for_config(config)
     if conv is None:
@@ -180,16 +178,25 @@ def save(model: BaseModel, variables: dict, path: str) -> None:
     hf_config = conv.config_to_hf(config)
     weights = {k: np.ascontiguousarray(v) for k, v in conv.params_to_hf(params, config).items()}
 
+    write_config_and_weights(path, CONFIG_FILE, hf_config, WEIGHTS_FILE, weights)
+
+
+def write_config_and_weights(path: str, config_file: str, config: dict, weights_file: str, tensors: dict) -> None:
+    """`path`/config_file (JSON) and `path`/weights_file (safetensors, torch metadata), written to a
+    temporary folder first and moved into place, so files already at `path` are never left
+    half-overwritten (a Hugging Face checkpoint, a peft adapter folder)."""
+    from safetensors.numpy import save_file
+
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".hf_save_", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=".save_", dir=parent)
     try:
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(hf_config, f, indent=2, sort_keys=True)
-        save_file(weights, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+        with open(os.path.join(tmp, config_file), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        save_file(tensors, os.path.join(tmp, weights_file), metadata={"format": "pt"})
         os.makedirs(path, exist_ok=True)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
+        for name in (config_file, weights_file):
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -23,8 +23,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from typing import TYPE_CHECKING, Mapping, Optional
 
 import jax
@@ -209,8 +207,6 @@ def save_adapters(peft_dir: str, model: BaseModel, params, lora_config: LoraConf
 
     Written to a temporary folder first and moved into place, like `hf.save`.
     """
-    from safetensors.numpy import save_file
-
     params, _ = _variables_params(params)
     _, adapters = split_adapters(params)
     if not adapters:
@@ -252,19 +248,7 @@ def save_adapters(peft_dir: str, model: BaseModel, params, lora_config: LoraConf
         "base_model_name_or_path": base_model_name_or_path or None, "revision": None,
     }
 
-    peft_dir = os.fspath(peft_dir)
-    parent = os.path.dirname(os.path.abspath(peft_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".peft_save_", dir=parent)
-    try:
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-        os.makedirs(peft_dir, exist_ok=True)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            os.replace(os.path.join(tmp, name), os.path.join(peft_dir, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    hf.write_config_and_weights(peft_dir, CONFIG_FILE, config, WEIGHTS_FILE, tensors)
 
 
 def _read_config(peft_dir: str) -> dict:
