@@ -70,12 +70,14 @@ class Evaluator:
     With `max_batches=None` every target token of the split counts exactly once: the final
     partial batch is padded with all-zero (zero-weight) rows rather than dropped, and hosts with
     fewer batches feed padding batches until every host is done. Batch shapes never change, so the
-    step compiles once.
+    step compiles once. `sums_fn(params, batch)` replaces the model's `eval_sums` (a loss's own
+    evaluation: DPO's held-out rewards); `add_features(batch)` adds features to each global batch
+    (a frozen reference model's log-probabilities).
     """
 
     def __init__(self, model, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
                  batch_size: int, mesh, param_shardings=None, split: str = "validation",
-                 max_batches: Optional[int] = 20, seed: int = 0):
+                 max_batches: Optional[int] = 20, seed: int = 0, sums_fn=None, add_features=None):
         self.model, self.mesh, self.split = model, mesh, split
         self.max_batches = max_batches
         self.lengths = dict(task_feature_lengths)
@@ -88,7 +90,8 @@ class Evaluator:
         jit_kwargs = {}
         if param_shardings is not None:
             jit_kwargs["in_shardings"] = (param_shardings, None)
-        self._step = jax.jit(model.eval_sums, **jit_kwargs)
+        self._step = jax.jit(sums_fn or model.eval_sums, **jit_kwargs)
+        self._add_features = add_features
 
     def _batches(self, task: str):
         ds = data_iterators.get_dataset(task, self.lengths, split=self.split, batch_size=self.host_batch,
@@ -100,7 +103,8 @@ class Evaluator:
         if jax.process_count() > 1:
             batches = pad_to_longest_host(batches, _zero_batch(ds.element_spec), _process_allgather)
         for batch in batches:
-            yield partitioning.to_global_batch(batch, self.mesh)
+            batch = partitioning.to_global_batch(batch, self.mesh)
+            yield batch if self._add_features is None else self._add_features(batch)
 
     def evaluate(self, params) -> dict[str, dict]:
         """{task: {nll, perplexity, accuracy, tokens}}, plus "all" pooling every task's tokens. Every

@@ -31,7 +31,8 @@ completion: the layout `objectives.preference.DPOLoss` reads, for every model fa
 never packed, and the per-host batch size must be even (`iterators.get_dataset` checks).
 
 Every file is read once, at registration, and every record checked: a bad one is an
-`InstructionError` naming `path:LINE`, before training starts.
+`InstructionError` naming `path:LINE`, before training starts. A pair whose chosen and rejected
+completions are the same text is dropped with a warning and counted (`identical_dropped`).
 """
 
 from __future__ import annotations
@@ -124,7 +125,14 @@ class PreferenceSource(seqio.DataSource):
     every n-th example; with `shuffle`, a seeded full shuffle per epoch (as `InstructionSource`)."""
 
     def __init__(self, examples: Mapping[str, Sequence[tuple[str, str, str]]], vocabulary, inputs_eos: bool):
-        self._examples = {s: list(e) for s, e in examples.items()}
+        # A pair whose two completions are the same text has no preference to learn (its DPO loss is
+        # log 2 whatever the weights): it is dropped, counted and warned about.
+        self._examples = {s: [e for e in rows if e[1] != e[2]] for s, rows in examples.items()}
+        self.identical = {s: len(rows) - len(self._examples[s]) for s, rows in examples.items()}
+        for split, n in self.identical.items():
+            if n:
+                logger.warning("preference split %r: %d of %d pairs have chosen == rejected and are dropped (no "
+                               "preference to learn); fix the data to use them", split, n, len(examples[split]))
         self._vocabulary, self._inputs_eos = vocabulary, bool(inputs_eos)
         self._token_counts: dict[str, list[tuple[int, int, int]]] = {}
         self._reported: set = set()
@@ -149,7 +157,7 @@ class PreferenceSource(seqio.DataSource):
         inputs_max = int(lengths["inputs"]) - self._inputs_eos
         targets_max = int(lengths["targets"]) - 1
         counts = self._token_counts[split]
-        return {"examples": len(counts),
+        return {"examples": len(counts), "identical_dropped": self.identical.get(split, 0),
                 "prompts_cut": sum(i > inputs_max for i, _, _ in counts),
                 "chosen_cut": sum(c > targets_max for _, c, _ in counts),
                 "rejected_cut": sum(r > targets_max for _, _, r in counts)}
@@ -184,7 +192,8 @@ class PreferenceSource(seqio.DataSource):
 
 
 def truncation_counts(name: str, task_feature_lengths: Mapping[str, int], split: str = "train") -> dict[str, int]:
-    """{"examples", "prompts_cut", "chosen_cut", "rejected_cut"} of a registered preference task."""
+    """{"examples", "identical_dropped", "prompts_cut", "chosen_cut", "rejected_cut"} of a registered
+    preference task."""
     return seqio.get_mixture_or_task(name).source.truncation_counts(split, task_feature_lengths)
 
 

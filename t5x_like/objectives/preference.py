@@ -132,6 +132,11 @@ class DPOLoss:
                                   "precomputed reference_logps")
         return jax.lax.stop_gradient(_row_logps(model, jax.lax.stop_gradient(base), batch)[0])
 
+    def eval_sums(self, model, params, batch) -> dict:
+        """Held-out evaluation reports the DPO sums themselves (rewards/accuracies, margins, ...), not
+        the completion perplexity, which DPO does not aim to lower."""
+        return self(model, params, batch)
+
     def __call__(self, model, params, batch, dropout_rng=None) -> dict:
         ref = self._reference(model, params, batch)
         logps, lengths, aux = _row_logps(model, params, batch, dropout_rng)

@@ -121,21 +121,38 @@ def _fresh_state(model, optimizer, batch_shapes, mesh, target, state_shardings, 
     return state
 
 
-def _compile(train_step, target, iterator, batch_shapes, mesh):
+def _compile(train_step, target, iterator, batch_shapes, mesh, reference=None):
     """Compile before the loop so that step times (and MFU) never include compilation."""
-    batch_target = {k: jax.ShapeDtypeStruct(shape, iterator.element_spec[k].dtype.as_numpy_dtype,
-                                            sharding=partitioning.batch_sharding(mesh, len(shape)))
-                    for k, shape in batch_shapes.items()}
+    shapes = {k: (shape, iterator.element_spec[k].dtype.as_numpy_dtype) for k, shape in batch_shapes.items()}
+    if reference is not None:
+        shapes.update(reference.feature_shapes(batch_shapes))
+    batch_target = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=partitioning.batch_sharding(mesh, len(shape)))
+                    for k, (shape, dtype) in shapes.items()}
     with partitioning.activation_context(mesh):
         return train_step.lower(target, batch_target).compile()
 
 
 def _write_eval(writer, step_no: int, results: dict) -> dict:
-    """Log {task: metrics}; return the metrics the checkpointer ranks by (pooled perplexity)."""
+    """Log {task: metrics}; return the metrics the checkpointer ranks by (pooled perplexity, when the
+    evaluation reports one: a preference loss's evaluation does not)."""
     for task, values in results.items():
         split = "eval" if task in ("all",) or len(results) == 1 else f"eval/{task}"
         writer.write_scalars(step_no, values, split)
-    return {"perplexity": results["all" if "all" in results else next(iter(results))]["perplexity"]}
+    pooled = results["all" if "all" in results else next(iter(results))]
+    return {"perplexity": pooled["perplexity"]} if "perplexity" in pooled else {}
+
+
+def _evaluator(model, loss, reference, mixture_or_task_name, task_feature_lengths, batch_size, mesh,
+               state_shardings, eval_batches, seed):
+    """The periodic evaluator: the model's eval_sums (perplexity), or the loss's own `eval_sums` when
+    it has one (DPO: its rewards and accuracies on held-out pairs), with the reference's features."""
+    sums_fn = None
+    if loss is not None and hasattr(loss, "eval_sums"):
+        sums_fn = lambda params, batch: loss.eval_sums(model, params, batch)  # noqa: E731
+    add_features = None if reference is None else (lambda batch: reference.add_features(batch, mesh))
+    return evaluation.Evaluator(model, mixture_or_task_name, task_feature_lengths, batch_size, mesh,
+                                param_shardings=state_shardings.params, max_batches=eval_batches, seed=seed,
+                                sums_fn=sums_fn, add_features=add_features)
 
 
 @gin.configurable(denylist=["gin_config_text", "on_eval"])
@@ -148,7 +165,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
           keep_last: int = 3, keep_best: int = 1, async_checkpoints: bool = True,
           init_checkpoint: Optional[str] = None, measure_peak: bool = True, progress: bool = True,
           unigram_baseline_batches: int = 0, host_data: str = "shard", trainable_params: Optional[str] = None,
-          infer_eval_every: int = 0, infer_eval: Optional[Callable] = None, gin_config_text: str = "",
+          infer_eval_every: int = 0, infer_eval: Optional[Callable] = None, reference=None,
+          gin_config_text: str = "",
           on_eval: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Train until `train_steps` (resuming from MODEL_DIR); returns the last eval results.
 
@@ -169,6 +187,9 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
     model_dir)` builds its evaluator once (runs/pretrain.gin binds inference's
     `infer_eval_in_training()`); metrics go under infer_eval/<task>, predictions to
     MODEL_DIR/inference_eval/.
+    `reference`: a frozen reference model (training/reference.py `FrozenReference`, full-parameter
+    DPO) restored from its own checkpoint at every start and resume, never saved with the run; it
+    adds its per-row log-probabilities to every train and eval batch.
     """
     run_checks.check_run("train", locals())  # types, ranges, lengths, memory: before anything is built
     if infer_eval_every and infer_eval is None:
@@ -192,6 +213,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
         batch_shapes = _batch_shapes(iterator, batch_size)
         target, state_shardings = sharded_abstract_state(model, optimizer, batch_shapes, mesh)
         optimizer.check(target.params)
+        if reference is not None:
+            reference.load(model, mesh, batch_shapes)
 
         checkpointer = Checkpointer(checkpoints_dir(model_dir), save_interval_steps=checkpoint_every,
                                     keep_last=keep_last, keep_best=keep_best, async_save=async_checkpoints)
@@ -209,9 +232,9 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
         train_step = steps.make_train_step(
             model, optimizer, loss=loss, num_microbatches=num_microbatches,
             dropout=dropout, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None))
-        train_step = _compile(train_step, target, iterator, batch_shapes, mesh)
-        evaluator = evaluation.Evaluator(model, mixture_or_task_name, task_feature_lengths, batch_size, mesh,
-                                         param_shardings=state_shardings.params, max_batches=eval_batches, seed=seed)
+        train_step = _compile(train_step, target, iterator, batch_shapes, mesh, reference)
+        evaluator = _evaluator(model, loss, reference, mixture_or_task_name, task_feature_lengths, batch_size, mesh,
+                               state_shardings, eval_batches, seed)
         infer_evaluator = (infer_eval(model, mixture_or_task_name, task_feature_lengths, model_dir)
                            if infer_eval_every else None)
         lengths = {k: v[1] for k, v in batch_shapes.items()}
@@ -251,6 +274,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
                 except StopIteration:
                     raise RuntimeError(f"training data of {mixture_or_task_name!r} ran out at step {step_no}")
                 batch = partitioning.to_global_batch(host_batch, mesh)
+                if reference is not None:
+                    batch = reference.add_features(batch, mesh)
                 state, metrics = train_step(state, batch)
                 pending.append((step_no, metrics))
 

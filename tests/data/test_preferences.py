@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import seqio
 
 from t5x_like import errors
 from t5x_like.data import iterators, preferences, vocabularies
@@ -71,8 +72,21 @@ def test_encoder_decoder_rows_and_truncation_counts(write_file):
         expected = _ids(completion)
         np.testing.assert_array_equal(batch["decoder_target_tokens"][r][:len(expected)], expected)
         assert batch["decoder_loss_weights"][r].tolist() == [1] * len(expected) + [0] * (6 - len(expected))
-    assert preferences.truncation_counts(name, lengths) == {"examples": 2, "prompts_cut": 2, "chosen_cut": 0,
-                                                            "rejected_cut": 2}
+    assert preferences.truncation_counts(name, lengths) == {"examples": 2, "identical_dropped": 0, "prompts_cut": 2,
+                                                            "chosen_cut": 0, "rejected_cut": 2}
+
+
+def test_pairs_with_chosen_equal_to_rejected_are_dropped_counted_and_warned(write_file, caplog):
+    same = {"prompt": "Sky?", "chosen": "Blue.", "rejected": "Blue."}
+    path = _jsonl(write_file, "same.jsonl", [RECORDS[0], same, RECORDS[1], same])
+    with caplog.at_level("WARNING", logger="t5x_like.data.preferences"):
+        name = register_preference_task("prefs_same", [path], vocabulary="byte")
+    assert "2 of 4 pairs have chosen == rejected" in caplog.text
+    counts = preferences.truncation_counts(name, {"inputs": 64, "targets": 16})
+    assert counts["examples"] == 2 and counts["identical_dropped"] == 2
+    ds = seqio.get_mixture_or_task(name).get_dataset({"inputs": 64, "targets": 16}, split="train", shuffle=False)
+    assert [bytes(ex["targets_pretokenized"]).decode() for ex in ds.as_numpy_iterator()] == [
+        RECORDS[0]["chosen"], RECORDS[1]["chosen"]]
 
 
 @pytest.mark.parametrize("record, says", [
@@ -137,3 +151,32 @@ def test_dpo_run_file_trains_lora_dpo_from_a_checkpoint(tmp_path):
     assert train[0]["rewards/margins"] == 0.0  # step 1: adapters at zero, the policy is the reference
     after = checkpointing.restore_params(str(dpo))
     assert np.abs(after["decoder"]["layers_0"]["self_attention"]["query"]["lora_b"]).max() > 0
+
+
+@pytest.mark.slow
+def test_dpo_full_run_file_uses_a_frozen_reference_and_reports_held_out_metrics(tmp_path):
+    prefs, dev = tmp_path / "prefs.jsonl", tmp_path / "dev.jsonl"
+    for path, words in ((prefs, ["alpha", "beta", "gamma", "delta"]), (dev, ["kappa", "sigma"])):
+        path.write_text("".join(json.dumps({"prompt": f"Say {w}.", "chosen": w, "rejected": w[::-1] + "?"}) + "\n"
+                                for w in words))
+    base, dpo = tmp_path / "base", tmp_path / "dpo"
+    _cli("train", *TINY, "--gin_file=runs/pretrain.gin", f"--gin.MODEL_DIR='{base}'", "--gin.TRAIN_STEPS=2",
+         "--gin.MIXTURE_OR_TASK_NAME='embedded_lm_byte'", "--gin.TASK_FEATURE_LENGTHS={'targets': 32}",
+         "--gin.train.eval_every=0", *FAST)
+    _cli("train", *TINY, "--gin_file=runs/dpo_full.gin", f"--gin.MODEL_DIR='{dpo}'", "--gin.TRAIN_STEPS=2",
+         f"--gin.INITIAL_CHECKPOINT='{base}'", "--gin.VOCABULARY='byte'", "--gin.train.eval_every=2",
+         f"--gin.PREFERENCE_FILES={{'train': ['{prefs}'], 'validation': ['{dev}']}}",
+         "--gin.TASK_FEATURE_LENGTHS={'inputs': 24, 'targets': 8}", *FAST)
+    rows = [json.loads(line) for line in open(dpo / "metrics.jsonl")]
+    train = [r for r in rows if r["split"] == "train"]
+    assert abs(train[0]["rewards/margins"]) < 1e-5 and train[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)
+    (held_out,) = [r for r in rows if r["split"] == "eval"]
+    assert held_out["step"] == 2 and 0.0 <= held_out["rewards/accuracies"] <= 1.0
+    assert "lora_b" not in json.dumps(jax_paths(checkpointing.restore_params(str(dpo))))
+
+
+def jax_paths(tree, prefix=""):
+    """'/'-joined leaf paths of a nested dict."""
+    if not hasattr(tree, "items"):
+        return [prefix]
+    return [p for k, v in tree.items() for p in jax_paths(v, f"{prefix}/{k}")]

@@ -1,0 +1,91 @@
+"""A frozen reference model for preference tuning: its own checkpoint, features added per batch.
+
+Full-parameter DPO compares the policy with the model it started from. The reference is not part
+of the train state (nothing of it is saved with the policy): `FrozenReference(checkpoint=...)`
+restores its params from their own checkpoint path whenever a run starts or resumes, sharded like
+the policy's, optionally stored in bfloat16 (half the memory; the forward pass keeps the model's
+dtype), and `add_features` computes each row's summed completion log-probability (the
+`reference_logps` feature `DPOLoss(reference="features")` reads) on device, under the same mesh,
+with no gradient. gin (runs/dpo.gin):
+
+    train.reference = @FrozenReference()
+    FrozenReference.checkpoint = %INITIAL_CHECKPOINT
+    DPOLoss.reference = 'features'
+
+LoRA-DPO needs none of this: its reference is the same weights with the adapters off.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import gin
+import jax
+import jax.numpy as jnp
+
+from t5x_like import partitioning
+from t5x_like.errors import UserError
+from t5x_like.objectives.preference import REFERENCE_FEATURE, reference_logps
+from t5x_like.training.checkpointing import restore_params
+from t5x_like.training.train_state import abstract_params
+
+DTYPES = ("float32", "bfloat16")
+
+
+class ReferenceError(UserError):
+    """A reference checkpoint or setting that cannot serve as this run's reference model."""
+
+
+@gin.configurable
+class FrozenReference:
+    """The reference model's params (restored by `load`) and the per-batch feature they give."""
+
+    def __init__(self, checkpoint: str = gin.REQUIRED, dtype: str = "float32", step: Optional[int] = None):
+        if dtype not in DTYPES:
+            raise ReferenceError(f"FrozenReference.dtype={dtype!r}; use one of {', '.join(DTYPES)}")
+        if not checkpoint:
+            raise ReferenceError("FrozenReference.checkpoint is empty; set it to the run or import_hf folder the "
+                                 "policy started from (e.g. %INITIAL_CHECKPOINT)")
+        self.checkpoint, self.dtype, self.step = checkpoint, dtype, step
+        self._params = self._fn = None
+
+    def load(self, model, mesh, batch_shapes: Optional[Mapping] = None) -> "FrozenReference":
+        """Restore the reference params onto `mesh`, sharded as the policy's (checked against the model:
+        a checkpoint of another architecture or size is a one-line ReferenceError)."""
+        target = abstract_params(model, mesh, batch_shapes, quantized=False)
+        _, fresh = model.split_fresh_params(target)
+        if jax.tree_util.tree_leaves(fresh):
+            raise ReferenceError(f"{type(model).__name__} adds fresh parameters (LoRA adapters or a new head) that "
+                                 "no reference checkpoint holds; with LoRA use DPOLoss.reference='adapters_off' "
+                                 "and no train.reference")
+        try:
+            params = restore_params(self.checkpoint, step=self.step, target=target)
+        except UserError as e:
+            raise ReferenceError(f"reference checkpoint {self.checkpoint} does not fit this run's model "
+                                 f"({type(model).__name__}: same architecture and sizes needed): {e}") from None
+        if self.dtype == "bfloat16":
+            params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+        shardings = jax.tree_util.tree_map(lambda a: a.sharding, target)
+        self._params = params
+        self._fn = jax.jit(lambda p, batch: reference_logps(model, _as_float32(p), batch),
+                           in_shardings=(shardings, None), out_shardings=partitioning.batch_sharding(mesh, 1))
+        return self
+
+    @staticmethod
+    def feature_shapes(batch_shapes: Mapping[str, tuple]) -> dict:
+        """The feature `add_features` adds: one float per row."""
+        rows = next(iter(batch_shapes.values()))[0]
+        return {REFERENCE_FEATURE: ((rows,), jnp.float32)}
+
+    def add_features(self, batch: Mapping, mesh) -> dict:
+        """`batch` (global arrays) plus `reference_logps` [rows], sharded over the batch axes."""
+        if self._fn is None:
+            raise RuntimeError("FrozenReference.load(model, mesh) must run before add_features")
+        with partitioning.activation_context(mesh):
+            logps = self._fn(self._params, batch)
+        return {**batch, REFERENCE_FEATURE: logps}
+
+
+def _as_float32(params):
+    """bfloat16-stored reference weights computed in float32 (the model's own dtype decides the math)."""
+    return jax.tree_util.tree_map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, params)
