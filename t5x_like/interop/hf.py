@@ -22,7 +22,7 @@ import numpy as np
 
 from t5x_like.interop import converter
 # Every converter module; importing one registers it. A new family adds its module here.
-from t5x_like.interop import hf_bert, hf_gpt2, hf_llama, hf_mixtral, hf_t5  # noqa: F401
+from t5x_like.interop import hf_bert, hf_gpt2, hf_llama, hf_llama_reward, hf_mixtral, hf_t5  # noqa: F401
 # Re-exported, as callers and tests use them as `hf.X`.
 from t5x_like.interop.converter import (Converter, HFInteropError, WeightReader, register,  # noqa: F401
                                         stack_layers, unstack_layers)

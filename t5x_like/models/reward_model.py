@@ -92,6 +92,18 @@ class RewardNetwork(DecoderOnly):
         return OutputHead(self.reward_head.variables["params"]["kernel"])
 
 
+@gin.configurable
+def reward_model_from(model=gin.REQUIRED) -> "RewardModel":
+    """A RewardModel with the backbone of decoder-only `model` (an SFT run's MODEL, with its LoRA and
+    quantization settings): gin/runs/reward_model.gin binds `MODEL = @reward_model_from()` after the
+    SFT run's model.gin, so the reward model is built from that run's own config."""
+    if not isinstance(model.config, DecoderOnlyConfig) or isinstance(model, RewardModel):
+        raise ModelCapabilityError(f"reward_model_from needs a decoder-only model (the SFT run's MODEL); got "
+                                   f"{type(model).__name__}")
+    fields = {f.name: getattr(model.config, f.name) for f in dataclasses.fields(DecoderOnlyConfig)}
+    return RewardModel(RewardModelConfig(**fields), lora=model.lora, weight_quantization=model.weight_quantization)
+
+
 def _no_decoding(model):
     return ModelCapabilityError(f"{type(model).__name__} scores sequences with one reward each; it cannot "
                                 "generate (decode with the decoder-only policy instead)")

@@ -180,3 +180,27 @@ def jax_paths(tree, prefix=""):
     if not hasattr(tree, "items"):
         return [prefix]
     return [p for k, v in tree.items() for p in jax_paths(v, f"{prefix}/{k}")]
+
+
+@pytest.mark.slow
+def test_reward_model_run_file_trains_a_head_on_an_sft_backbone(tmp_path):
+    prefs, dev = tmp_path / "prefs.jsonl", tmp_path / "dev.jsonl"
+    for path, words in ((prefs, ["alpha", "beta", "gamma", "delta"]), (dev, ["kappa", "sigma"])):
+        path.write_text("".join(json.dumps({"prompt": f"Say {w}.", "chosen": w, "rejected": w[::-1] + "?"}) + "\n"
+                                for w in words))
+    base, rm = tmp_path / "base", tmp_path / "rm"
+    _cli("train", *TINY, "--gin_file=runs/pretrain.gin", f"--gin.MODEL_DIR='{base}'", "--gin.TRAIN_STEPS=2",
+         "--gin.MIXTURE_OR_TASK_NAME='embedded_lm_byte'", "--gin.TASK_FEATURE_LENGTHS={'targets': 32}",
+         "--gin.train.eval_every=0", *FAST)
+    _cli("train", *TINY, "--gin_file=runs/reward_model.gin", f"--gin.MODEL_DIR='{rm}'", "--gin.TRAIN_STEPS=3",
+         f"--gin.INITIAL_CHECKPOINT='{base}'", "--gin.VOCABULARY='byte'", "--gin.train.eval_every=3",
+         f"--gin.PREFERENCE_FILES={{'train': ['{prefs}'], 'validation': ['{dev}']}}",
+         "--gin.TASK_FEATURE_LENGTHS={'inputs': 24, 'targets': 8}", *FAST)
+    rows = [json.loads(line) for line in open(rm / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
+    (held_out,) = [r for r in rows if r["split"] == "eval"]
+    assert held_out["tokens"] == 2 and 0.0 <= held_out["accuracy"] <= 1.0 and np.isfinite(held_out["margin"])
+    params = checkpointing.restore_params(str(rm))
+    assert params["reward_head"]["kernel"].shape == (32, 1) and "logits_dense" not in params
+    sft = checkpointing.restore_params(str(base))
+    np.testing.assert_array_equal(params["token_embed"]["embedding"].shape, sft["token_embed"]["embedding"].shape)

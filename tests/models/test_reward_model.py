@@ -223,3 +223,48 @@ def test_init_from_decoder_only_params_restores_the_backbone():
     rewards = np.asarray(score_completions(model, params, batch))
     np.testing.assert_allclose(rewards, np.asarray(hidden[:, 0]) @ np.asarray(fresh["reward_head"]["kernel"])[:, 0],
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["LlamaForSequenceClassification", "MistralForSequenceClassification"])
+def test_hf_sequence_classifier_import_parity_and_round_trip(tmp_path, arch):
+    """A random-weight transformers reward model (num_labels=1) imports as a RewardModel whose
+    rewards equal HF's logits; exporting it gives a folder transformers reads with the same rewards."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from t5x_like.interop import hf, hf_llama_reward
+    from t5x_like.interop.converter import HFInteropError
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_labels=1, pad_token_id=0, tie_word_embeddings=False)
+    config = (transformers.LlamaConfig(**common) if arch.startswith("Llama")
+              else transformers.MistralConfig(**common, sliding_window=16))
+    ref_model = getattr(transformers, arch)(config).eval()
+    with torch.no_grad():
+        for name, p in ref_model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    ref_model.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
+    model, variables = hf.load(str(tmp_path / "hf"))
+    assert isinstance(model, RewardModel)
+
+    ids = np.array([[5, 9, 14, 3, 7, 0, 0], [8, 2, 6, 11, 13, 4, 10], [3, 3, 0, 0, 0, 0, 0]], np.int32)
+
+    def reference(m):
+        with torch.no_grad():
+            t = torch.tensor(ids, dtype=torch.long)
+            return m(input_ids=t, attention_mask=(t != 0).long()).logits[:, 0].numpy()
+
+    ref = reference(ref_model)
+    ours = np.asarray(model.rewards(variables["params"], {"decoder_input_tokens": ids,
+                                                          "decoder_target_tokens": ids}))
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-4)
+    assert np.std(ref) > 1e-3
+
+    hf.save(model, variables, str(tmp_path / "out"))
+    reloaded = getattr(transformers, arch).from_pretrained(str(tmp_path / "out")).eval()
+    assert reloaded.config.num_labels == 1 and reloaded.config.architectures == [arch]
+    np.testing.assert_allclose(reference(reloaded), ref, atol=1e-6)
+
+    with pytest.raises(HFInteropError, match="with 3 labels"):
+        hf_llama_reward.config_from_hf({**config.to_dict(), "id2label": {"0": "a", "1": "b", "2": "c"}})
