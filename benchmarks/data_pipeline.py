@@ -1,11 +1,15 @@
 """Throughput of each objective's input pipeline on the embedded corpus, on this machine.
 
     python benchmarks/data_pipeline.py [--vocab spm|byte] [--length 512] [--batch_size 16] [--seconds 8]
-                                       [--no_step]
+                                       [--resume_positions 1000 10000 100000] [--replay_max 10000] [--no_step]
 
 For every objective it prints packed rows/s, task examples/s (examples before packing), tokens/s
 (non-padding tokens the model reads: encoder inputs + decoder targets) and the fill ratio of the
-packed rows, then how fast a resumed iterator skips consumed batches. Unless --no_step, it also
+packed rows. Then, for a span-corruption iterator at each of `--resume_positions` batches, the time
+a resumed iterator takes to its first batch from the saved tf.data position (what a checkpoint now
+holds; also its size and the time to write it) next to the old replay of every consumed batch
+(`ds.skip`), measured up to `--replay_max` and beyond that extrapolated from the measured rate
+(one iterator is walked to the largest position once, so that costs about one replay). Unless --no_step, it also
 times the medium train step of the family each objective feeds (benchmarks/train_step.py: batch 8,
 length 512, float32) and prints how many times faster the pipeline makes rows than the step
 consumes them (each measured alone on the same cores). The last line summarises.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -65,18 +70,63 @@ def measure(objective: str, vocab: str, length: int, batch_size: int, seconds: f
             "batches": rows // batch_size}
 
 
-def measure_skip(vocab: str, length: int, batch_size: int, batches: int) -> tuple[float, float]:
-    """(seconds to the first batch of a fresh iterator, batches/s that `restore` replays beyond it)."""
+def _first_batch_s(iterator) -> float:
+    start = time.perf_counter()
+    next(iterator)
+    return time.perf_counter() - start
+
+
+def _restore_s(make, state, folder) -> float:
+    """Seconds from a new iterator to its first batch, restored from the position in `folder`."""
+    resumed = make()
+    start = time.perf_counter()
+    resumed.restore(state, folder)
+    next(resumed)
+    return time.perf_counter() - start
+
+
+def measure_resume(vocab: str, length: int, batch_size: int, positions, replay_max: int,
+                   repeats: int = 3) -> tuple[float, list[dict]]:
+    """(median seconds a fresh iterator takes to its first batch, and per position: the median
+    seconds to the first batch restored from the saved tf.data position over `repeats` restores,
+    the position's bytes and write seconds, the old replay's seconds, measured or extrapolated).
+    Medians: on a shared machine single timings of pipeline construction vary 0.5-5 s."""
     name = data.task_name("embedded", "span_corruption", vocab)
     lengths = data.default_task_feature_lengths("span_corruption", length)
-    times = []
-    for skipped in (0, batches):
-        it = data.get_iterator(name, lengths, batch_size=batch_size, seed=0)
+    make = lambda: data.get_iterator(name, lengths, batch_size=batch_size, seed=0)  # noqa: E731
+    fresh = float(np.median([_first_batch_s(make()) for _ in range(repeats)]))
+    walker, rows, rate = make(), [], None
+    for position in sorted(positions):
         start = time.perf_counter()
-        it.restore({**it.state(), "batches_consumed": skipped})
-        next(it)
-        times.append(time.perf_counter() - start)
-    return times[0], batches / max(times[1] - times[0], 1e-9)
+        while walker.batches_consumed < position:
+            next(walker)
+        walk_s = time.perf_counter() - start
+        start = time.perf_counter()
+        files = walker.position_files()
+        write_s = time.perf_counter() - start
+        with tempfile.TemporaryDirectory() as folder:
+            for file_name, blob in files.items():
+                with open(os.path.join(folder, file_name), "wb") as f:
+                    f.write(blob)
+            restore_s = float(np.median([_restore_s(make, walker.state(), folder) for _ in range(repeats)]))
+        replay_s, measured = None, position <= replay_max
+        if measured:  # the old restore: rebuild the pipeline, ds.skip(position), first batch
+            old = make()
+            ds = old._make_dataset().skip(position)
+            start = time.perf_counter()
+            next(iter(ds))
+            replay_s = time.perf_counter() - start
+            rate = position / max(replay_s - fresh, 1e-9)
+        elif rate is not None:
+            replay_s = fresh + position / rate
+        rows.append({"position": position, "restore_s": restore_s, "bytes": sum(len(b) for b in files.values()),
+                     "write_s": write_s, "replay_s": replay_s, "replay_measured": measured, "walk_s": walk_s,
+                     "fresh_s": fresh})
+        print(f"  position {position:>7}: restore {restore_s:6.2f} s from a {rows[-1]['bytes'] / 1e6:.1f} MB "
+              f"position (written in {write_s:.2f} s) | replay {'' if measured else '~'}"
+              f"{replay_s if replay_s is not None else float('nan'):8.1f} s{'' if measured else ' (extrapolated)'}"
+              f" | walked here in {walk_s:.0f} s", flush=True)
+    return fresh, rows
 
 
 def main() -> None:
@@ -85,7 +135,10 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=16, help="per host")
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per objective")
-    parser.add_argument("--skip_batches", type=int, default=200)
+    parser.add_argument("--resume_positions", type=int, nargs="*", default=[1000, 10000, 100000],
+                        help="batches consumed before a resume (empty: skip the resume table)")
+    parser.add_argument("--replay_max", type=int, default=10000,
+                        help="replay measured up to here, extrapolated beyond")
     parser.add_argument("--objectives", nargs="*", default=list(data.OBJECTIVES))
     parser.add_argument("--no_step", action="store_true", help="skip timing the train steps")
     args = parser.parse_args()
@@ -114,9 +167,16 @@ def main() -> None:
         results.append(r)
         print(f"{objective:<16}{str(r['lengths']):<30}{r['first_batch_s']:>12.2f}{r['rows_s']:>10.1f}"
               f"{r['examples_s']:>12.1f}{r['tokens_s']:>12.0f}{r['fill']:>7.2f}", flush=True)
-    fresh, skip = measure_skip(args.vocab, args.length, args.batch_size, args.skip_batches)
-    print(f"resume: a restored span-corruption iterator replays {skip:.1f} batches/s on top of the "
-          f"{fresh:.2f}s a fresh one takes to its first batch ({args.skip_batches} batches skipped)")
+    if args.resume_positions:
+        print(f"resume of a span-corruption iterator (batch {args.batch_size}, length {args.length}): from the "
+              "saved tf.data position vs replaying every consumed batch", flush=True)
+        fresh, resume = measure_resume(args.vocab, args.length, args.batch_size, args.resume_positions,
+                                       args.replay_max)
+        print(f"  (a fresh iterator takes {fresh:.2f} s to its first batch; medians of 3)")
+        print("RESULT resume s from the saved position: " + ", ".join(
+            f"{r['position']}: {r['restore_s']:.2f}" for r in resume) + " | replay: " + ", ".join(
+            f"{r['position']}: {'' if r['replay_measured'] else '~'}{r['replay_s']:.0f}" for r in resume
+            if r["replay_s"] is not None), flush=True)
     slowest = min(results, key=lambda r: r["tokens_s"])
     print("summary: " + ", ".join(f"{r['objective']} {r['tokens_s']:.0f} tok/s ({r['examples_s']:.0f} ex/s)"
                                   for r in results)

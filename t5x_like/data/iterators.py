@@ -1,18 +1,24 @@
 """Per-host batches: deterministic for a seed and resumable exactly (`partitioning.to_global_batch`
 assembles them into global jax.Arrays).
 
-Resume strategy: rebuild the pipeline with the same seed and skip the batches already consumed,
-rather than checkpointing the tf.data iterator. The state is then a few JSON fields (Orbax saves it
-as-is, on any host count of the same run), it survives TensorFlow upgrades, and it works with every
-preprocessor, including Python generators and numpy functions that tf.data cannot serialise. The
-price is that a restore replays the skipped batches inside tf.data (no numpy conversion); the
-benchmark script reports how fast that is. Exactness rests on the whole pipeline being a function of
-the seed: seeded file and example shuffles, stateless-random preprocessors, deterministic interleave.
+Resume: a checkpoint holds each host's position twice. `state()` is a few JSON fields (the settings
+that define the stream and the batches consumed), and `position_files()` is the tf.data iterator's
+own checkpoint (`tf.train.Checkpoint(iterator=...)`, as T5X saves it): shuffle buffers, packing
+state, file offsets. Restoring that takes about as long as starting a fresh pipeline, whatever the
+position, where replaying the consumed batches grows with it (about 80 s at step 10k). Its price is
+size, mostly the example shuffle buffer (a few MB per host: `benchmarks/data_pipeline.py`). A
+pipeline tf.data cannot serialise (a Python generator or `py_function` in a preprocessor) or a
+checkpoint from before this existed falls back to replay: the pipeline is a function of the seed
+(seeded file and example shuffles, stateless-random preprocessors, deterministic interleave), so
+rebuilding it and skipping the consumed batches gives the same stream.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import tempfile
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import jax
@@ -24,6 +30,13 @@ from t5x_like.data import tasks as tasks_lib
 from t5x_like.data.corpus import CorpusError
 
 STATE_VERSION = 1
+POSITION_PREFIX = "iterator"  # file prefix of the tf.data iterator checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class DataResumeError(CorpusError):
+    """A saved data position that cannot continue this run's stream (other task, lengths, seed...)."""
 
 
 def host_shard_info() -> seqio.ShardInfo:
@@ -84,11 +97,11 @@ def pad_last_batch(ds: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
 
 
 class DataIterator:
-    """Iterator of numpy batches with `state()` / `restore(state)` for an exact resume.
+    """Iterator of numpy batches with `state()` / `position_files()` / `restore(...)` for an exact resume.
 
     The state is a JSON-serialisable dict: the settings that define the stream and the number of
-    batches consumed. Restoring into an iterator with different settings (another seed, batch size
-    or host count) is refused, since it could not continue the same stream.
+    batches consumed. Restoring into an iterator with different settings (another task, lengths,
+    seed, batch size or host count) is refused, since it could not continue the same stream.
     """
 
     def __init__(self, make_dataset: Callable[[], tf.data.Dataset], config: Mapping[str, Any]):
@@ -97,15 +110,35 @@ class DataIterator:
         self._consumed = 0
         self._iterator: Optional[Iterator] = None
         self._dataset: Optional[tf.data.Dataset] = None
+        self._position: Optional[str] = None  # a saved tf.data position to start from
+        self._checkpointable = True
 
     def _ensure(self) -> Iterator:
         if self._iterator is None:
-            ds = self._make_dataset()
-            if self._consumed:
-                ds = ds.skip(self._consumed)
-            self._dataset = ds
-            self._iterator = iter(ds.as_numpy_iterator())
+            self._dataset = self._make_dataset()
+            self._iterator = iter(self._dataset)
+            if not (self._position is not None and self._read_position(self._position)):
+                for _ in range(self._consumed):  # replay (not ds.skip: the position must stay saveable)
+                    next(self._iterator)
+            self._position = None
         return self._iterator
+
+    def _read_position(self, path: str) -> bool:
+        """Restore the tf.data iterator from `path`; False (with a warning) if it does not fit."""
+        consumed = tf.Variable(-1, dtype=tf.int64)
+        try:
+            tf.train.Checkpoint(iterator=self._iterator, consumed=consumed).read(
+                os.path.join(path, POSITION_PREFIX)).assert_consumed()
+        except (tf.errors.OpError, AssertionError, ValueError) as e:
+            log.warning("the saved data position in %s does not fit this input pipeline (%s); replaying %d "
+                        "batches instead", path, str(e).splitlines()[0][:200], self._consumed)
+            self._iterator = iter(self._dataset)
+            return False
+        if int(consumed.numpy()) != self._consumed:
+            raise DataResumeError(f"the data position in {path} is at batch {int(consumed.numpy())} but the "
+                                  f"checkpoint's data state says {self._consumed}; the checkpoint is mixed up, "
+                                  "restore another step")
+        return True
 
     def __iter__(self):
         return self
@@ -113,7 +146,7 @@ class DataIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self._ensure())
         self._consumed += 1
-        return batch
+        return tf.nest.map_structure(lambda t: t.numpy(), batch)
 
     @property
     def element_spec(self):
@@ -130,21 +163,43 @@ class DataIterator:
     def state_bytes(self) -> bytes:
         return json.dumps(self.state(), sort_keys=True).encode("utf-8")
 
-    def restore(self, state: Union[Mapping[str, Any], bytes, str]) -> None:
+    def position_files(self) -> Optional[dict[str, bytes]]:
+        """The tf.data iterator's checkpoint now (file name -> contents; a checkpoint writes them
+        into this host's folder), or None if this pipeline cannot be serialised (then a restore
+        replays)."""
+        if not self._checkpointable:
+            return None
+        iterator = self._ensure()
+        with tempfile.TemporaryDirectory(prefix="data_position") as folder:
+            try:
+                tf.train.Checkpoint(iterator=iterator, consumed=tf.Variable(self._consumed, dtype=tf.int64)).write(
+                    os.path.join(folder, POSITION_PREFIX))
+            except (tf.errors.OpError, ValueError, TypeError) as e:
+                log.warning("this input pipeline cannot be checkpointed by tf.data (%s); a resume will replay "
+                            "the consumed batches", str(e).splitlines()[0][:200])
+                self._checkpointable = False
+                return None
+            names = os.listdir(folder)
+            return {n: open(os.path.join(folder, n), "rb").read() for n in names}
+
+    def restore(self, state: Union[Mapping[str, Any], bytes, str], position: Optional[str] = None) -> None:
+        """Continue after the saved state: from the tf.data checkpoint in the folder `position`
+        (what `position_files` wrote) when there is one, else by replaying the consumed batches."""
         if isinstance(state, (bytes, str)):
             state = json.loads(state)
         if state.get("version") != STATE_VERSION:
-            raise CorpusError(f"data iterator state version {state.get('version')!r} is not "
-                              f"{STATE_VERSION}; it was saved by another version of t5x_like")
+            raise DataResumeError(f"data iterator state version {state.get('version')!r} is not "
+                                  f"{STATE_VERSION}; it was saved by another version of t5x_like")
         saved = state["config"]
         if saved != self._config:
-            diff = {k: (saved.get(k), self._config.get(k)) for k in set(saved) | set(self._config)
+            diff = {k: (saved.get(k), self._config.get(k)) for k in sorted(set(saved) | set(self._config))
                     if saved.get(k) != self._config.get(k)}
-            raise CorpusError("cannot resume the data stream: the saved iterator had different settings "
-                              f"(saved, now): {diff}; resume with the same task, lengths, batch size, "
-                              "seed and host count, or start a fresh stream")
+            raise DataResumeError("cannot resume the data stream: the checkpoint's iterator had different settings "
+                                  f"(saved, now): {diff}; resume with the same task, lengths, batch size, "
+                                  "seed and host count, or start a fresh stream in a new MODEL_DIR")
         self._consumed = int(state["batches_consumed"])
-        self._iterator = None  # rebuilt lazily, skipping the consumed batches
+        self._iterator = None  # rebuilt lazily, from the saved position or by replay
+        self._position = position if position and os.path.isdir(position) else None
 
 
 def get_iterator(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],

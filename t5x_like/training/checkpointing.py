@@ -4,6 +4,8 @@ full training runs (`Checkpointer`).
 Layout: `<directory>/<step>/<item>` managed by `ocp.CheckpointManager`. A training step folder holds
 `state` (the train state pytree, any mix of jax/numpy arrays; typed PRNG keys are stored as their
 uint32 key data), `data_state` (JSON: each host's data-iterator position, keyed `process_<i>`),
+`data_position` (each host's tf.data iterator checkpoint in `process_<i>-of-<n>/`, written by that
+host, so a resume need not replay the data; absent for pipelines tf.data cannot serialise),
 `gin_config` (JSON: the operative config text) and Orbax's own `metrics` (JSON: eval metrics used to
 keep the best step). Imports write `<step>/params` only.
 
@@ -32,6 +34,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from t5x_like.training import checkpoint_integrity as integrity
@@ -41,7 +44,7 @@ from t5x_like.training.train_state import abstract_params
 
 log = logging.getLogger(__name__)
 
-STATE, DATA_STATE, GIN_CONFIG = "state", "data_state", "gin_config"
+STATE, DATA_STATE, GIN_CONFIG, DATA_POSITION = "state", "data_state", "gin_config", "data_position"
 CORRUPT_DIR = "corrupt"
 RUN_CHECKPOINTS = "checkpoints"  # the subfolder of a run directory holding step folders
 
@@ -231,6 +234,33 @@ def _wrap_keys(restored, target):
         lambda t, r: jax.random.wrap_key_data(r, impl=_key_impl(t.dtype)) if _is_key(t) else r, target, restored)
 
 
+def _host_folder() -> str:
+    return f"process_{jax.process_index()}-of-{jax.process_count()}"
+
+
+class HostFilesHandler(ocp.CheckpointHandler):
+    """Every host writes its own files into `<item>/process_<i>-of-<n>/` (its tf.data iterator
+    checkpoint, as T5X's DatasetCheckpointHandler); a restore reads them by path."""
+
+    def save(self, directory, args: "HostFilesSave"):
+        folder = epath.Path(directory) / _host_folder()
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, blob in args.files.items():
+            (folder / name).write_bytes(blob)
+
+    def restore(self, directory, args=None):
+        return None
+
+    def metadata(self, directory):
+        return None
+
+
+@ocp.args.register_with_handler(HostFilesHandler, for_save=True, for_restore=True)
+@dataclasses.dataclass
+class HostFilesSave(ocp.args.CheckpointArgs):
+    files: dict
+
+
 @dataclasses.dataclass
 class Restored:
     step: int
@@ -238,6 +268,7 @@ class Restored:
     data_state: Any  # this host's entry, None if the checkpoint has none for this host
     gin_config: str
     metrics: Optional[dict]
+    data_position: Optional[str] = None  # this host's tf.data iterator checkpoint folder, if saved
 
 
 class Checkpointer:
@@ -268,7 +299,7 @@ class Checkpointer:
             save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save,
             preservation_policy=ocm.AnyPreservationPolicy(policies), best_fn=score, best_mode=best_mode,
             cleanup_tmp_directories=cleanup_tmp_directories)
-        self._manager = ocp.CheckpointManager(self.directory, item_names=(STATE, DATA_STATE, GIN_CONFIG),
+        self._manager = ocp.CheckpointManager(self.directory, item_names=(STATE, DATA_STATE, GIN_CONFIG, DATA_POSITION),
                                               options=options)
         leftovers = sorted(n for n in os.listdir(self.directory) if TMP_SUFFIX in n) \
             if os.path.isdir(self.directory) else []
@@ -315,6 +346,8 @@ class Checkpointer:
         step saved without them is kept only while among the last `keep_last`. As Orbax does, the
         first call of a run with no checkpoint yet saves whatever its step. A save that cannot fit
         on the disk (checked against the newest step's size first) is a CheckpointError.
+        `data_state`: this host's JSON data state, or its `DataIterator` (then also its tf.data
+        checkpoint, so the resume does not replay).
         """
         step = int(step)
         if not (force or self._manager.should_save(step)):
@@ -324,11 +357,16 @@ class Checkpointer:
             log.info("checkpoint step %d already exists in %s; not saving it again", step, self.directory)
             return False
         self._check_free_space(step)
+        position = None
+        if hasattr(data_state, "position_files"):  # a DataIterator: its JSON state and tf.data checkpoint
+            position, data_state = data_state.position_files(), data_state.state()
         hosts = {f"process_{i}": d for i, d in enumerate(integrity.gather_json(data_state))}
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
-        args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(_keys_to_data(state)),
-                                     DATA_STATE: ocp.args.JsonSave(hosts),
-                                     GIN_CONFIG: ocp.args.JsonSave({"text": gin_config or ""})})
+        items = {STATE: ocp.args.StandardSave(_keys_to_data(state)), DATA_STATE: ocp.args.JsonSave(hosts),
+                 GIN_CONFIG: ocp.args.JsonSave({"text": gin_config or ""})}
+        if position is not None:
+            items[DATA_POSITION] = HostFilesSave(position)
+        args = ocp.args.Composite(**items)
         try:
             saved = self._manager.save(step, args=args, metrics=metrics, force=True)
         except Exception as e:  # noqa: BLE001 - Orbax/TensorStore wrap the OSError in many types
@@ -437,8 +475,10 @@ class Checkpointer:
         if mine not in hosts:
             log.warning("checkpoint step %d has no data state for %s (saved by %d hosts); the data "
                         "iterator starts afresh", step, mine, len(hosts))
+        position = os.path.join(self.directory, str(step), DATA_POSITION, _host_folder())
         return Restored(step=step, state=state, data_state=hosts.get(mine),
-                        gin_config=(out[GIN_CONFIG] or {}).get("text", ""), metrics=self._manager.metrics(step))
+                        gin_config=(out[GIN_CONFIG] or {}).get("text", ""), metrics=self._manager.metrics(step),
+                        data_position=position if mine in hosts and os.path.isdir(position) else None)
 
     def restore_latest(self, target_state=None) -> Optional[Restored]:
         """The newest verified step that restores (unverified ones only when none does); None when

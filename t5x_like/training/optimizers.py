@@ -7,7 +7,7 @@ can stand wherever an optax transformation is expected.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import gin
 import jax
@@ -15,15 +15,26 @@ import jax.numpy as jnp
 import optax
 
 from t5x_like.errors import UserError
+from t5x_like.training import adafactor as adafactor_lib
 
 Schedule = Callable[[jax.Array], jax.Array]
 
 
 class Optimizer(NamedTuple):
+    """`bind_axes(param_axes)`, when given, builds the transformation for params with those logical
+    axes (Adafactor factors by them); `init` uses it when handed the axes, and `tx` (whose update
+    reads everything it needs from the state) does the updates."""
     tx: optax.GradientTransformation
     schedule: Optional[Schedule] = None
+    bind_axes: Optional[Callable[[Any], optax.GradientTransformation]] = None
 
-    def init(self, params):
+    @property
+    def uses_param_axes(self) -> bool:
+        return self.bind_axes is not None
+
+    def init(self, params, param_axes=None):
+        if param_axes is not None and self.bind_axes is not None:
+            return self.bind_axes(param_axes).init(params)
         return self.tx.init(params)
 
     def update(self, updates, state, params=None):
@@ -86,18 +97,36 @@ def adafactor(base_learning_rate: float = 1.0, warmup_steps: int = 10_000, *, de
               clipping_threshold: Optional[float] = 1.0, multiply_by_parameter_scale: bool = True,
               factored: bool = True, min_dim_size_to_factor: int = 128, momentum: Optional[float] = None,
               weight_decay_rate: Optional[float] = None, decay_embeddings: bool = False,
-              max_grad_norm: Optional[float] = None, schedule: Optional[Schedule] = None) -> Optimizer:
+              max_grad_norm: Optional[float] = None, schedule: Optional[Schedule] = None,
+              factor_rules: Optional[Mapping[str, str]] = None) -> Optimizer:
     """T5 Adafactor: factored second moments, beta2 = 1 - t^-0.8, no momentum, update clipping at
-    RMS 1.0, step sizes relative to each parameter's RMS, and the rsqrt schedule by default."""
+    RMS 1.0, step sizes relative to each parameter's RMS, and the rsqrt schedule by default.
+
+    Given the params' logical axes (the train state hands them to `init`), the second moment is
+    factored over merged axes by `factor_rules` (logical name -> row / column / batch / none,
+    added to `adafactor.FACTOR_RULES`, T5X's): [embed, heads, kv] as embed x (heads*kv), each scanned
+    layer and each expert on its own (training/adafactor.py). Otherwise optax's rule: the two
+    largest axes."""
     if schedule is None:
         _check_steps("adafactor.warmup_steps", warmup_steps, 1, " (the rsqrt schedule divides by its square root)")
     schedule = schedule or rsqrt_schedule(base_learning_rate, warmup_steps)
-    tx = optax.adafactor(
-        learning_rate=schedule, min_dim_size_to_factor=min_dim_size_to_factor, decay_rate=decay_rate,
-        multiply_by_parameter_scale=multiply_by_parameter_scale, clipping_threshold=clipping_threshold,
-        momentum=momentum, weight_decay_rate=weight_decay_rate, factored=factored,
-        weight_decay_mask=lambda p: decay_mask(p, decay_embeddings))
-    return Optimizer(_with_clipping(tx, max_grad_norm), schedule)
+    bad = {k: v for k, v in (factor_rules or {}).items() if v not in adafactor_lib.ROLES}
+    if bad:
+        raise OptimizerConfigError(f"adafactor.factor_rules {bad}: map each logical axis name to one of "
+                                   f"{list(adafactor_lib.ROLES)}")
+
+    def build(param_axes=None):  # the chain of optax.adafactor with our factored first steps
+        tx = [adafactor_lib.scale_by_adafactor(
+            factored=factored, decay_rate=decay_rate, min_dim_size_to_factor=min_dim_size_to_factor,
+            clipping_threshold=clipping_threshold, multiply_by_parameter_scale=multiply_by_parameter_scale,
+            factor_rules=factor_rules, param_axes=param_axes),
+            optax.scale_by_learning_rate(schedule, flip_sign=False)]
+        if momentum is not None:
+            tx.append(optax.ema(momentum, debias=False, accumulator_dtype=jnp.float32))
+        if weight_decay_rate is not None:
+            tx.append(optax.add_decayed_weights(weight_decay_rate, mask=lambda p: decay_mask(p, decay_embeddings)))
+        return _with_clipping(optax.chain(*tx, optax.scale(-1)), max_grad_norm)
+    return Optimizer(build(), schedule, build)
 
 
 @gin.configurable

@@ -49,13 +49,15 @@ def _init_batch(batch_shapes: Optional[Mapping]):
 def init_fn(model, optimizer, batch_shapes: Optional[Mapping] = None):
     """rng -> fresh TrainState. `batch_shapes`: feature -> shape, array or ShapeDtypeStruct."""
     batch = _init_batch(batch_shapes)
+    # An optimizer that factors by logical axes (Adafactor) gets the params' axes at init.
+    param_axes = params_logical_axes(model, batch_shapes) if getattr(optimizer, "uses_param_axes", False) else None
 
     def init(rng):
         if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
             rng = jax.random.key_data(rng)
         init_rng, train_rng = jax.random.split(rng)
         params = model.init_variables(init_rng, batch)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params) if param_axes is None else optimizer.init(params, param_axes),
                           rng=train_rng)
     return init
 
@@ -69,8 +71,8 @@ def _spec_for(leaf_shape: tuple, param_shape: tuple, param_spec: P) -> P:
     """The param's spec if the shapes agree; with one axis dropped for a factored moment (the axis
     whose removal gives this shape; if that is ambiguous with different names, replicate)."""
     spec = tuple(param_spec) + (None,) * (len(param_shape) - len(param_spec))
-    if leaf_shape == param_shape:
-        return _drop_unit_dims(spec, leaf_shape)
+    if len(leaf_shape) == len(param_shape) and all(n in (1, m) for n, m in zip(leaf_shape, param_shape)):
+        return _drop_unit_dims(spec, leaf_shape)  # the param's shape, or reduced to 1 (keepdims factors)
     if len(leaf_shape) == len(param_shape) - 1:
         options = {spec[:i] + spec[i + 1:] for i in range(len(param_shape))
                    if param_shape[:i] + param_shape[i + 1:] == leaf_shape}
@@ -83,8 +85,9 @@ def opt_state_logical_axes(opt_state_shapes, params_axes, params_shapes=None):
     """PartitionSpecs for an optimizer state, matching params by tree path.
 
     A state leaf whose path ends with a parameter's path (adam's mu/nu, adafactor's v, v_row,
-    v_col, ...) gets that parameter's spec when it has the parameter's shape, or the spec with the
-    reduced axis dropped when it is a factored moment. Counts, placeholders and factors whose
+    v_col, ...) gets that parameter's spec when it has the parameter's shape or that shape with
+    reduced axes of size 1 (`training/adafactor.py`'s factors), or the spec with the reduced axis
+    dropped when it is a rank-reduced factored moment (optax's). Counts, placeholders and factors whose
     reduced axis is ambiguous are replicated (they are small). Without `params_shapes` only
     rank-matching leaves get the parameter's spec and factored moments are replicated.
     """

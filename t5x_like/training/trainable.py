@@ -91,8 +91,14 @@ class TrainableSubset:
             {k: v if self.is_trainable("/".join(k)) else empty for k, v in flat.items()})
         return full - (full - model.flops_per_example(trainable_only, feature_lengths)) / 3
 
-    def init(self, params):
-        return self.optimizer.init(self.split(params)[0])
+    @property
+    def uses_param_axes(self) -> bool:
+        return getattr(self.optimizer, "uses_param_axes", False)
+
+    def init(self, params, param_axes=None):
+        if param_axes is None:
+            return self.optimizer.init(self.split(params)[0])
+        return self.optimizer.init(self.split(params)[0], self.split(param_axes)[0])
 
     def update(self, grads, state, params=None):
         """`grads` and `params` are the trainable half (what `split` returns first)."""

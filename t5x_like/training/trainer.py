@@ -222,7 +222,7 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
         if restored is not None:
             state = restored.state
             if restored.data_state is not None:
-                iterator.restore(restored.data_state)
+                iterator.restore(restored.data_state, restored.data_position)
             log.info("resumed from %s step %d", checkpointer.directory, restored.step)
         else:
             state = _fresh_state(model, optimizer, batch_shapes, mesh, target, state_shardings, seed, init_checkpoint)
@@ -264,7 +264,7 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
         def save(step_no: int, force: bool = False, metrics: Optional[dict] = None) -> None:
             if force or checkpointer.should_save(step_no):
                 drain()
-                checkpointer.save(step_no, state, data_state=iterator.state(), gin_config=gin_config_text,
+                checkpointer.save(step_no, state, data_state=iterator, gin_config=gin_config_text,
                                   metrics=metrics, force=force)
 
         with _SigtermFlag() as sigterm, partitioning.activation_context(mesh):

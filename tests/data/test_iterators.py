@@ -142,3 +142,77 @@ def test_two_hosts_read_their_own_shards_into_one_global_batch():
     assert results[0]["shape"] == [4, 32]
     assert results[0]["global"] == results[0]["local"] + results[1]["local"] == results[1]["global"]
     assert results[0]["local"] != results[1]["local"]
+
+
+def _resume_from_position(make, consumed):
+    """(the first run's batches, the batches after restoring its tf.data position in a new iterator)."""
+    import tempfile
+    first = make()
+    before = _take(first, consumed)
+    files = first.position_files()
+    assert files and sum(len(b) for b in files.values()) > 0
+    folder = tempfile.mkdtemp()
+    for name, blob in files.items():
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(blob)
+    resumed = make()
+    resumed.restore(first.state_bytes(), folder)
+    return before, resumed, folder, first.state()
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_restored_position_continues_bitwise_like_an_uninterrupted_run(pack):
+    make = lambda: data.get_iterator(*SC, batch_size=4, seed=3, pack=pack)  # noqa: E731
+    expected = _take(make(), 7)
+    before, resumed, folder, state = _resume_from_position(make, 4)
+    _assert_same(before, expected[:4])
+    _assert_same(_take(resumed, 3), expected[4:])
+    assert resumed.state()["batches_consumed"] == 7
+    # The position was read, not replayed: a JSON state at another batch than the saved position is refused.
+    wrong = make()
+    wrong.restore({**state, "batches_consumed": 5}, folder)
+    with pytest.raises(data.iterators.DataResumeError, match="at batch 4 but .* says 5"):
+        next(wrong)
+
+
+def test_restored_position_across_epochs_and_host_rows(write_file):
+    data.register_corpus("tinyepochs2", text_glob=write_file("tiny2.txt", b"".join(
+        f"document {i} has a few words\n".encode() for i in range(30))), overwrite=True)
+    make = lambda: data.get_iterator("tinyepochs2_lm_byte", {"targets": 32}, batch_size=4, seed=1,  # noqa: E731
+                                     host_rows=(2, 4))
+    expected = _take(make(), 30)  # ~4 epochs
+    _, resumed, _, _ = _resume_from_position(make, 17)
+    _assert_same(_take(resumed, 13), expected[17:])
+
+
+@pytest.mark.parametrize("change", [
+    dict(mixture_or_task_name="embedded_lm_spm", task_feature_lengths={"targets": 64}),
+    dict(task_feature_lengths={"inputs": 32, "targets": 14}),
+], ids=["task", "lengths"])
+def test_a_data_checkpoint_of_another_task_or_lengths_is_a_one_line_user_error(change):
+    from t5x_like.errors import UserError
+    saved = data.get_iterator(*SC, batch_size=4, seed=3).state()
+    args = {"mixture_or_task_name": SC[0], "task_feature_lengths": SC[1], **change}
+    with pytest.raises(UserError) as e:
+        data.get_iterator(**args, batch_size=4, seed=3).restore(saved)
+    message = str(e.value)
+    assert "\n" not in message and "different settings" in message
+    assert ("mixture_or_task_name" if "mixture_or_task_name" in change else "task_feature_lengths") in message
+
+
+def test_a_pipeline_tf_data_cannot_save_falls_back_to_replay():
+    import tensorflow as tf
+
+    def make_dataset():  # a py_function: tf.data refuses to checkpoint it
+        ds = tf.data.Dataset.range(1000).shuffle(50, seed=0).map(
+            lambda x: tf.py_function(lambda v: v * 3, [x], tf.int64))
+        return ds.batch(4).map(lambda b: {"x": b})
+
+    make = lambda: data.iterators.DataIterator(make_dataset, {"name": "py"})  # noqa: E731
+    expected = _take(make(), 9)
+    first = make()
+    _take(first, 5)
+    assert first.position_files() is None
+    resumed = make()
+    resumed.restore(first.state(), None)
+    _assert_same(_take(resumed, 4), expected[5:])

@@ -35,12 +35,13 @@ def test_rsqrt_schedule_constant_then_inverse_sqrt():
         assert float(sched(step)) == pytest.approx(0.1)
     for step in (400, 10_000):
         assert float(sched(step)) == pytest.approx(1 / np.sqrt(step))
-    _, t5 = optimizers.adafactor()  # T5 defaults: 0.01 for the first 10k steps
+    t5 = optimizers.adafactor().schedule  # T5 defaults: 0.01 for the first 10k steps
     assert float(t5(0)) == pytest.approx(0.01) and float(t5(40_000)) == pytest.approx(0.005)
 
 
 def test_warmup_cosine_schedule():
-    _, sched = optimizers.adamw(peak_learning_rate=1e-3, warmup_steps=10, decay_steps=110, end_learning_rate=1e-5)
+    sched = optimizers.adamw(peak_learning_rate=1e-3, warmup_steps=10, decay_steps=110,
+                             end_learning_rate=1e-5).schedule
     assert float(sched(0)) == 0.0
     assert float(sched(5)) == pytest.approx(5e-4)
     assert float(sched(10)) == pytest.approx(1e-3)
@@ -87,21 +88,25 @@ def test_global_norm_clipping():
 
 
 def test_adafactor_factored_state_shapes():
+    """Factors keep the parameter's rank with the reduced axes of size 1 (training/adafactor.py);
+    the attention kernel [embed, heads, kv] is factored as embed x heads*kv."""
     model = model_for_config(DecoderOnlyConfig(num_layers=2, **TINY))
     opt = optimizers.adafactor(min_dim_size_to_factor=16)
     state = TrainState.abstract(model, opt, BATCH_SHAPES)
     factored = state.opt_state[0]
     v_row, v_col, v = (_leaves(getattr(factored, k)) for k in ("v_row", "v_col", "v"))
     wi = "decoder/layers_0/mlp/wi/kernel"  # [embed 32, mlp 64]: factored
-    assert (v_row[wi].shape, v_col[wi].shape, v[wi].shape) == ((32,), (64,), (1,))
+    assert (v_row[wi].shape, v_col[wi].shape, v[wi].shape) == ((32, 1), (1, 64), ())
     emb = "token_embed/embedding"  # [vocab 64, embed 32]
-    assert (v_row[emb].shape, v_col[emb].shape, v[emb].shape) == ((32,), (64,), (1,))
-    q = "decoder/layers_0/self_attention/query/kernel"  # [32, 4, 8]: second-largest dim 8 < 16, not factored
-    assert v[q].shape == (32, 4, 8) and v_row[q].shape == (1,)
+    assert (v_row[emb].shape, v_col[emb].shape, v[emb].shape) == ((1, 32), (64, 1), ())
+    q = "decoder/layers_0/self_attention/query/kernel"  # [embed 32, heads 4, kv 8]: merged heads*kv = 32
+    assert (v_row[q].shape, v_col[q].shape, v[q].shape) == ((32, 1, 1), (1, 4, 8), ())
     scale = "decoder/final_norm/scale"  # vectors are never factored
     assert v[scale].shape == (32,)
     default = TrainState.abstract(model, optimizers.adafactor(), BATCH_SHAPES)  # min size 128: nothing factored
     assert _leaves(default.opt_state[0].v)[wi].shape == (32, 64)
+    unbound = _leaves(opt.init(state.params)[0].v)  # no logical axes: optax's two-largest-axes rule
+    assert unbound[q].shape == (32, 4, 8) and unbound[wi].shape == ()
 
 
 def _spec_leaves(tree):
@@ -138,20 +143,26 @@ def test_opt_state_logical_axes_mirror_params(make_opt, scan_layers):
     wi = "decoder/layers/mlp/wi/kernel" if scan_layers else "decoder/layers_0/mlp/wi/kernel"
     lead = ("layers",) if scan_layers else ()
     assert params_axes[wi] == P(*lead, "embed", "mlp")
-    if any("v_row" in k for k in specs):  # factored second moments drop the reduced axis
-        assert [s for k, s in specs.items() if k.endswith("v_row/" + wi)] == [P(*lead, "embed")]
-        assert [s for k, s in specs.items() if k.endswith("v_col/" + wi)] == [P(*lead, "mlp")]
+    if any("v_row" in k for k in specs):  # factored second moments: the reduced axis replicated
+        assert [s for k, s in specs.items() if k.endswith("v_row/" + wi)] == [P(*lead, "embed", None)]
+        assert [s for k, s in specs.items() if k.endswith("v_col/" + wi)] == [P(*lead, None, "mlp")]
 
 
-def test_factored_specs_without_shapes_or_when_ambiguous_are_replicated():
+def test_factored_specs_of_square_kernels_and_without_shapes():
+    """Size-1 reduced axes make a square kernel's factors unambiguous; optax's rank-reduced factors
+    of a square kernel (which axis was dropped?) are replicated."""
     model = model_for_config(EncoderOnlyConfig(num_layers=1, **TINY))  # mlm_transform kernel is square 32x32
     opt = optimizers.adafactor(min_dim_size_to_factor=16)
     state = TrainState.abstract(model, opt, {"encoder_input_tokens": (8, 16)})
     params_axes = model.logical_axes()["params"]
     with_shapes = _spec_leaves(opt_state_logical_axes(state.opt_state, params_axes, state.params))
     without = _spec_leaves(opt_state_logical_axes(state.opt_state, params_axes))
-    assert [s for k, s in with_shapes.items() if k.endswith("v_row/mlm_transform/kernel")] == [P()]
-    assert [s for k, s in with_shapes.items() if k.endswith("v_row/token_embed/embedding")] == [P("embed")]
-    assert [s for k, s in without.items() if k.endswith("v_row/token_embed/embedding")] == [P()]
+    mlm = _spec_leaves(params_axes)["mlm_transform/kernel"]
+    assert [s for k, s in with_shapes.items() if k.endswith("v_row/mlm_transform/kernel")] == [P(mlm[0], None)]
+    assert [s for k, s in with_shapes.items() if k.endswith("v_row/token_embed/embedding")] == [P(None, "embed")]
+    assert [s for k, s in without.items() if k.endswith("v_row/token_embed/embedding")] == [P(None, "embed")]
     q = "encoder/layers_0/self_attention/query/kernel"
-    assert [s for k, s in without.items() if k.endswith("/v/" + q)] == [P("embed", "heads", "kv")]
+    assert [s for k, s in without.items() if k.endswith("/v_col/" + q)] == [P(None, "heads", "kv")]
+    optax_state = optax.adafactor(0.1, min_dim_size_to_factor=16).init(state.params)
+    reduced = _spec_leaves(opt_state_logical_axes(optax_state, params_axes, state.params))
+    assert [s for k, s in reduced.items() if k.endswith("v_row/mlm_transform/kernel")] == [P()]
