@@ -154,7 +154,10 @@ def model_gin_text(model, header: str = "") -> str:
         f"{model_name}.config = @{cfg_name}()",
     ]
     for field in dataclasses.fields(config):
-        lines.append(f"{cfg_name}.{field.name} = {getattr(config, field.name)!r}")
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):  # e.g. rope_scaling: a dict literal the config converts back
+            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        lines.append(f"{cfg_name}.{field.name} = {value!r}")
     lora = getattr(model, "lora", None)
     if lora is not None:  # adapters (layers/lora.py) are part of the architecture
         lines.append(f"{model_name}.lora = @LoraConfig()")

@@ -1,17 +1,19 @@
 """Autoregressive decoding: greedy, temperature / top-k / top-p sampling and beam search.
 
 The whole loop is one compiled `lax.while_loop` (it stops early once every row has emitted EOS
-or, for beam search, once no row can improve). By default each step feeds one token per row
-through the KV cache (`decode=True` attention, Flax 'cache' collection); `use_cache=False`
-recomputes the full sequence at every step instead, which is the reference the cache is tested
-against and the baseline of `benchmarks/decode.py`.
+or, for beam search, once no row can improve). Each step feeds one token per row through the KV
+cache (layers/kv_cache.py, Flax 'cache' collection); `use_cache=False` recomputes the full
+sequence at every step instead, which is the reference the cache is tested against.
 
-Prompts of different lengths: prompts are right-padded, and their tokens are fed through the same
-loop one per step ("forced" decoding, as T5X does): at step t, a row whose prompt is longer than
-t + 1 takes its next prompt token instead of a generated one. All rows therefore share one
-position and one cache index, no left padding or per-row position offsets are needed, and the
-output of a row is identical to decoding that row alone. The price is that a prompt is consumed
-one token per step rather than in one parallel pass.
+Prompts are right-padded, of any lengths. Prefill (the default, for models with `can_prefill`):
+one forward pass writes every prompt but its last token into the cache at per-row positions
+(padding skipped), and the loop starts at each row's last prompt token, at its own position: row
+b's g-th generated token sits at position length_b + g. `prefill=False` keeps the old feed: prompt
+tokens go through the loop one per step ("forced" decoding, as T5X does: at step t, a row whose
+prompt is longer than t + 1 takes its next prompt token), the baseline of `benchmarks/decode.py`.
+Both give each row what decoding it alone gives, token for token; sampling draws row r's g-th
+token with key fold_in(fold_in(rng, r), g), so the two feeds also sample alike.
+`kv_cache_dtype="int8"` stores the cache quantized; a sliding-window model keeps a ring buffer.
 
 Decoder-only models: `prompts` are the decoder prefix (give the BOS id yourself if the model was
 trained with one; the LM tasks of this project start with pad id 0). Encoder-decoder models:
@@ -29,12 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Union
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5x_like.layers.kv_cache import KV_CACHE_DTYPES
 from t5x_like.models.base import BaseModel
 from t5x_like.errors import UserError
 
@@ -84,9 +87,15 @@ def process_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: floa
 # ---------------------------------------------------------------- the model step
 
 
-def _make_step(model: BaseModel, params, use_cache: bool, length: int, context):
-    """step(aux, seq, t) -> (logits [rows, vocab] for the token after position t, aux)."""
-    if use_cache:
+def _make_step(model: BaseModel, params, use_cache: bool, length: int, context, offsets=None):
+    """step(aux, seq, t) -> (logits [rows, vocab] for the token after column t, aux). `offsets`
+    [rows] (prefilled cache): column t of row r is position offsets[r] + t."""
+    if offsets is not None:
+        def step(cache, seq, t):
+            tok = jax.lax.dynamic_slice_in_dim(seq, t, 1, axis=1)
+            logits, cache = model.decode_chunk(params, cache, context, tok, (offsets + t)[:, None], length)
+            return logits[:, 0], cache
+    elif use_cache:
         def step(cache, seq, t):
             tok = jax.lax.dynamic_slice_in_dim(seq, t, 1, axis=1)
             return model.decode_step(params, cache, context, tok, jnp.full(tok.shape, t, jnp.int32), length)
@@ -109,23 +118,25 @@ def _sample_loop(step, aux, seq, lengths, max_new_tokens, eos_id, method, temper
         return (t < total - 1) & ~jnp.all(done)
 
     def body(state):
-        t, seq, done, scores, aux, rng = state
+        t, seq, done, scores, aux = state
         logits, aux = step(aux, seq, t)
-        rng, sub = jax.random.split(rng)
         if method == "greedy":
             chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        else:
-            chosen = jax.random.categorical(sub, process_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+        else:  # row r's g-th generated token: key (r, g), whatever the feed
+            keys = jax.vmap(lambda r, g: jax.random.fold_in(jax.random.fold_in(rng, r), g))(
+                jnp.arange(rows), t + 1 - lengths)
+            chosen = jax.vmap(jax.random.categorical)(keys, process_logits(logits, temperature, top_k, top_p))
+            chosen = chosen.astype(jnp.int32)
         forced = t + 1 < lengths
         nxt = jnp.where(forced, seq[:, t + 1], jnp.where(done, 0, chosen))
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits), chosen[:, None], axis=-1)[:, 0]
         scores = scores + jnp.where(forced | done, 0.0, logp)
         seq = jax.lax.dynamic_update_slice_in_dim(seq, nxt[:, None], t + 1, axis=1)
         done = done | (~forced & ((nxt == eos_id) | (t + 1 >= last)))
-        return t + 1, seq, done, scores, aux, rng
+        return t + 1, seq, done, scores, aux
 
-    state = (jnp.int32(0), seq, jnp.zeros((rows,), bool), jnp.zeros((rows,), jnp.float32), aux, rng)
-    _, seq, _, scores, _, _ = jax.lax.while_loop(cond, body, state)
+    state = (jnp.int32(0), seq, jnp.zeros((rows,), bool), jnp.zeros((rows,), jnp.float32), aux)
+    _, seq, _, scores, _ = jax.lax.while_loop(cond, body, state)
     return seq, scores
 
 
@@ -225,26 +236,45 @@ def _beam_loop(step, aux, seq, lengths, max_new_tokens, eos_id, num_beams, lengt
 # ---------------------------------------------------------------- entry point
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "model", "max_new_tokens", "method", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
-    "early_stopping", "eos_id", "use_cache", "decoder_start_id"))
-def _generate(params, prompts, lengths, rng, *, model, max_new_tokens, method, temperature, top_k, top_p,
-              num_beams, length_penalty, early_stopping, eos_id, use_cache, decoder_start_id):
-    beams = num_beams if method == "beam" else 1
-    start = model.prefill(params, prompts, lengths, beams=beams, decoder_start_id=decoder_start_id)
+def _start(model, params, start, beams, max_new_tokens, use_cache, prefill, kv_cache_dtype):
+    """(step, cache, seq [rows, columns], loop lengths [rows]) for the decoding loops."""
     prefix, lengths = start.prefix, start.lengths
     total = prefix.shape[1] + max_new_tokens
     seq = jnp.repeat(jnp.pad(prefix, ((0, 0), (0, max_new_tokens))), beams, axis=0)
     row_lengths = jnp.repeat(lengths, beams, axis=0)
-    aux = model.init_cache(start.context, seq.shape[0], total) if use_cache else None
-    step = _make_step(model, params, use_cache, total, start.context)
+    if not use_cache:
+        return _make_step(model, params, False, total, start.context), None, seq, row_lengths
+    kw = {} if kv_cache_dtype is None else {"kv_cache_dtype": kv_cache_dtype}
+    cache = model.init_cache(start.context, seq.shape[0], total, **kw)
+    if not prefill:
+        return _make_step(model, params, True, total, start.context), cache, seq, row_lengths
+    rows_prefix = jnp.repeat(prefix, beams, axis=0)
+    cache, context = model.prefill_cache(params, cache, start.context, rows_prefix, row_lengths, total)
+    last = jnp.take_along_axis(rows_prefix, (row_lengths - 1)[:, None], axis=1)
+    seq = jnp.pad(last, ((0, 0), (0, max_new_tokens)))  # each row from its last prompt token on
+    step = _make_step(model, params, True, total, context, offsets=row_lengths - 1)
+    return step, cache, seq, jnp.ones_like(row_lengths)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "model", "max_new_tokens", "method", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
+    "early_stopping", "eos_id", "use_cache", "decoder_start_id", "prefill", "kv_cache_dtype"))
+def _generate(params, prompts, lengths, rng, *, model, max_new_tokens, method, temperature, top_k, top_p,
+              num_beams, length_penalty, early_stopping, eos_id, use_cache, decoder_start_id, prefill,
+              kv_cache_dtype):
+    beams = num_beams if method == "beam" else 1
+    start = model.prefill(params, prompts, lengths, beams=beams, decoder_start_id=decoder_start_id)
+    step, aux, seq, row_lengths = _start(model, params, start, beams, max_new_tokens, use_cache, prefill,
+                                         kv_cache_dtype)
+    total = seq.shape[1]
+    lengths = row_lengths[::beams]
     if method == "beam":
         seq, scores = _beam_loop(step, aux, seq, row_lengths, max_new_tokens, eos_id, num_beams,
                                  length_penalty, early_stopping, model.reorder_cache)
     else:
         seq, scores = _sample_loop(step, aux, seq, row_lengths, max_new_tokens, eos_id, method,
                                    temperature, top_k, top_p, rng)
-    # Each row's generated tokens start right after its prompt.
+    # Each row's generated tokens start right after its prompt (its last token, when prefilled).
     idx = lengths[:, None] + jnp.arange(max_new_tokens)[None]
     tokens = jnp.take_along_axis(seq, jnp.minimum(idx, total - 1), axis=1)
     tokens = jnp.where(idx < total, tokens, 0)
@@ -260,13 +290,17 @@ def generate(model: BaseModel, variables, prompts, *, prompt_lengths=None, max_n
              method: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              num_beams: int = 4, length_penalty: float = 1.0,
              early_stopping: Union[bool, str] = False, eos_id: int = 1, decoder_start_id: int = 0,
-             rng=None, use_cache: bool = True) -> DecodeResult:
+             rng=None, use_cache: bool = True, prefill: bool = True,
+             kv_cache_dtype: Optional[str] = None) -> DecodeResult:
     """Decode up to max_new_tokens per row of `prompts` [batch, length] (right-padded int ids).
 
     prompt_lengths [batch]: real tokens per prompt (decoder-only; default: all of them, since
     0 may be a real BOS). Encoder-decoder prompts are encoder inputs padded with 0.
     method: "greedy", "sample" (temperature, top_k (0 = off), top_p (1 = off)) or "beam"
     (num_beams, length_penalty: score / length ** length_penalty, early_stopping as in HF).
+    use_cache=False: recompute everything each step (the reference). prefill=False: feed prompts one
+    token per step (the old path; models without `can_prefill` always do). kv_cache_dtype: None
+    (the model's dtype) or "int8".
     """
     if method not in METHODS:
         raise DecodingError(f"method={method!r}; use one of {METHODS}")
@@ -276,6 +310,8 @@ def generate(model: BaseModel, variables, prompts, *, prompt_lengths=None, max_n
         raise DecodingError(f"temperature={temperature} must be > 0 (use method='greedy' for argmax)")
     if method == "beam" and num_beams < 1:
         raise DecodingError(f"num_beams={num_beams} must be at least 1")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise DecodingError(f"kv_cache_dtype={kv_cache_dtype!r}; use one of {KV_CACHE_DTYPES}")
     if early_stopping not in (True, False, "never"):
         raise DecodingError(f"early_stopping={early_stopping!r}; use True, False or 'never'")
     prompts = np.asarray(prompts, np.int32)
@@ -287,6 +323,10 @@ def generate(model: BaseModel, variables, prompts, *, prompt_lengths=None, max_n
     if not model.can_decode:
         raise DecodingError(f"{type(model).__name__} cannot generate: decoding needs a decoder-only or "
                             "encoder-decoder model")
+    limit = model.max_length()
+    if limit is not None and int(prompt_lengths.max()) > limit:
+        raise DecodingError(f"a prompt of {int(prompt_lengths.max())} tokens is longer than the model's maximum "
+                            f"length {limit}; shorten it to at most {limit} tokens (minus max_new_tokens)")
     problem = model.check_prompts(prompts, prompt_lengths, max_new_tokens)
     if problem:
         raise DecodingError(problem)
@@ -296,5 +336,6 @@ def generate(model: BaseModel, variables, prompts, *, prompt_lengths=None, max_n
         max_new_tokens=int(max_new_tokens), method=method, temperature=float(temperature), top_k=int(top_k),
         top_p=float(top_p), num_beams=int(num_beams), length_penalty=float(length_penalty),
         early_stopping=early_stopping, eos_id=int(eos_id), use_cache=bool(use_cache),
-        decoder_start_id=int(decoder_start_id))
+        decoder_start_id=int(decoder_start_id), prefill=bool(prefill and model.can_prefill),
+        kv_cache_dtype=kv_cache_dtype)
     return DecodeResult(np.asarray(tokens), np.asarray(lengths), np.asarray(scores))

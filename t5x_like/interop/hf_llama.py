@@ -1,15 +1,20 @@
 """Hugging Face converter: Llama and Mistral (rotary, RMSNorm, gated MLP, grouped-query attention).
 
 HF applies rotary embeddings in the "rotate half" layout, which is what `apply_rotary` does, so
-query and key projections are copied without permuting their rows. Mistral differs from Llama only
-by its sliding window, whose HF mask (key j visible to query i iff i - j < window) is ours.
+query and key projections are copied without permuting their rows. A `rope_scaling` (linear,
+dynamic, yarn, llama3) becomes the config's `RopeScaling`, which uses HF's formulas. Mistral
+differs from Llama only by its sliding window, whose HF mask (key j visible to query i iff
+i - j < window) is ours.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from t5x_like.interop.converter import Converter, HFInteropError, WeightReader, register
+from t5x_like.layers.positions import ROPE_SCALING_TYPES, RopeScaling, RopeScalingError
 from t5x_like.models.config import DecoderOnlyConfig
 
 # HF hidden_act -> our activation name; the MLP is always act(gate) * up.
@@ -19,20 +24,59 @@ TO_HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_t
 
 
 def rope_theta(cfg: dict, source: str = "config.json") -> float:
-    """rope_theta from transformers 5 (`rope_parameters`) or 4 (`rope_theta` + `rope_scaling`).
+    """rope_theta from transformers 5 (`rope_parameters`) or 4 (top-level `rope_theta`)."""
+    return rope_settings(cfg, source)[0]
 
-    Scaled variants (linear, dynamic, yarn, llama3, ...) change the angles in ways `apply_rotary`
-    does not reproduce, so they are refused rather than converted into a silently different model.
-    """
+
+def rope_settings(cfg: dict, source: str = "config.json") -> tuple[float, Optional[RopeScaling]]:
+    """(rope_theta, RopeScaling or None) from transformers 5's `rope_parameters` or 4's `rope_theta` +
+    `rope_scaling`, read as transformers does: a non-empty rope_scaling wins, and the pretraining
+    length of yarn / llama3 defaults to a top-level original_max_position_embeddings, then to
+    max_position_embeddings; dynamic NTK scales beyond max_position_embeddings itself."""
     params = cfg.get("rope_parameters") or {}
     if params and all(isinstance(v, dict) for v in params.values()):
         raise HFInteropError(f"{source}: per-layer-type rope_parameters {sorted(params)} are not supported")
-    for field, spec in (("rope_parameters", params), ("rope_scaling", cfg.get("rope_scaling") or {})):
-        kind = spec.get("rope_type", spec.get("type", "default"))
-        if kind != "default":
-            raise HFInteropError(f"{source}: {field}.rope_type={kind!r} is not supported; t5x_like implements "
-                                 "only unscaled rotary embeddings (rope_type 'default')")
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    field, spec = ("rope_scaling", cfg["rope_scaling"]) if cfg.get("rope_scaling") else ("rope_parameters", params)
+    theta = float(spec.get("rope_theta", params.get("rope_theta", cfg.get("rope_theta", 10000.0))))
+    kind = spec.get("rope_type", spec.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in ROPE_SCALING_TYPES:
+        raise HFInteropError(f"{source}: {field}.rope_type={kind!r} is not supported; use one of "
+                             f"{', '.join(('default',) + ROPE_SCALING_TYPES)}")
+    if spec.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise HFInteropError(f"{source}: partial_rotary_factor != 1 is not supported (t5x_like rotates whole heads)")
+    max_len = cfg.get("max_position_embeddings", 2048)
+    if kind in ("yarn", "llama3"):
+        orig = int(cfg.get("original_max_position_embeddings") or spec.get("original_max_position_embeddings")
+                   or max_len)
+    else:  # linear needs none; dynamic's is max_position_embeddings
+        orig = max_len if kind == "dynamic" else None
+    fields = {k: spec[k] for k in _HF_SCALING_KEYS[kind] if spec.get(k) is not None}
+    factor = spec.get("factor")
+    if factor is None and kind == "yarn":
+        factor = max_len / orig  # DeepSeek-style configs: the ratio of the two lengths
+    try:
+        return theta, RopeScaling(rope_type=kind, factor=factor, original_max_position_embeddings=orig, **fields)
+    except RopeScalingError as e:
+        raise HFInteropError(f"{source}: {field}: {e}") from None
+
+
+# The optional rope_parameters keys of each scheme (beyond rope_type, factor and the original length).
+_HF_SCALING_KEYS = {"linear": (), "dynamic": (), "llama3": ("low_freq_factor", "high_freq_factor"),
+                    "yarn": ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")}
+
+
+def rope_parameters_to_hf(c: DecoderOnlyConfig) -> dict:
+    """transformers' rope_parameters dict for our rotary settings (the inverse of `rope_settings`)."""
+    out = {"rope_type": "default", "rope_theta": c.rotary_theta}
+    s = c.rope_scaling
+    if s is not None:
+        out.update(rope_type=s.rope_type, factor=s.factor)
+        if s.rope_type in ("yarn", "llama3"):  # dynamic's original length is max_position_embeddings
+            out["original_max_position_embeddings"] = s.original_max_position_embeddings
+        out.update({k: getattr(s, k) for k in _HF_SCALING_KEYS.get(s.rope_type, ()) if getattr(s, k) is not None})
+    return out
 
 
 def config_from_hf(cfg: dict) -> DecoderOnlyConfig:
@@ -44,6 +88,7 @@ def config_from_hf(cfg: dict) -> DecoderOnlyConfig:
     if act not in HF_ACTIVATIONS:
         raise HFInteropError(f"{source}: hidden_act={act!r} is not supported; use one of {sorted(HF_ACTIVATIONS)}")
     heads = cfg["num_attention_heads"]
+    theta, scaling = rope_settings(cfg, source)
     return DecoderOnlyConfig(
         vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads") or heads,
@@ -51,7 +96,8 @@ def config_from_hf(cfg: dict) -> DecoderOnlyConfig:
         mlp_dim=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
         mlp_activations=(HF_ACTIVATIONS[act], "linear"), norm_type="rms",
         norm_epsilon=cfg.get("rms_norm_eps", 1e-6), position_embedding="rotary",
-        rotary_theta=rope_theta(cfg, source), max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        rotary_theta=theta, rope_scaling=scaling,
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         sliding_window=cfg.get("sliding_window") if cfg.get("model_type") == "mistral" else None,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), scale_attention_scores=True)
 
@@ -133,18 +179,27 @@ def config_to_hf(c: DecoderOnlyConfig) -> dict:
         "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
         "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim,
         "hidden_act": TO_HF_ACTIVATION[c.mlp_activations[0]], "rms_norm_eps": c.norm_epsilon,
-        "max_position_embeddings": c.max_position_embeddings,
-        # Both spellings: transformers 5 reads rope_parameters, 4.x reads rope_theta.
+        "max_position_embeddings": _hf_max_positions(c),
+        # Both spellings: transformers 5 reads rope_parameters, 4.x reads rope_theta (and rope_scaling).
         "rope_theta": c.rotary_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": c.rotary_theta},
+        "rope_parameters": rope_parameters_to_hf(c),
         "tie_word_embeddings": c.tie_embeddings, "attention_dropout": 0.0,
         "dtype": "float32", "torch_dtype": "float32",  # hf.save writes float32 weights
     }
+    if c.rope_scaling is not None:  # transformers 5 also prefers rope_scaling when both are there
+        out["rope_scaling"] = out["rope_parameters"]
     if mistral:
         out["sliding_window"] = c.sliding_window
     else:
         out.update(attention_bias=False, mlp_bias=False)
     return out
+
+
+def _hf_max_positions(c: DecoderOnlyConfig) -> int:
+    """HF dynamic NTK scales beyond max_position_embeddings, which is our original length then."""
+    s = c.rope_scaling
+    dynamic = s is not None and s.rope_type == "dynamic"
+    return s.original_max_position_embeddings if dynamic else c.max_position_embeddings
 
 
 CONVERTER = register(Converter(

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from einops import rearrange
 
+from t5x_like.layers import kv_cache
 from t5x_like.layers.dense import DenseGeneral
 from t5x_like.layers.positions import apply_rotary
 
@@ -75,43 +76,51 @@ class MultiHeadAttention(nn.Module):
     use_bias: bool = False
     scale_scores: bool = True
     rotary_theta: Optional[float] = None
+    rope_scaling: Optional[object] = None  # positions.RopeScaling: scaled rotary frequencies
     dropout_rate: float = 0.0
     deterministic: bool = True
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    # Autoregressive decoding with a KV cache (self-attention only): see `_use_cache`.
+    # Autoregressive decoding through the 'cache' collection (layers/kv_cache.py): self-attention
+    # takes chunks of tokens at per-row positions (`positions_q`, -1 = padding); initialising
+    # with a full-length input allocates the cache. `cross_cache`: see `_cross_kv`.
     decode: bool = False
+    cross_cache: bool = False
     sliding_window: Optional[int] = None  # used by the cache mask only; full-sequence masks carry it
     # The caller's mask hides every key after its query: attend in query blocks of this size, each
     # to the keys up to its last query (0: off). Skipped blocks are all masked, so results match.
     causal_query_block: int = 0
 
-    def _use_cache(self, k, v, mask):
-        """Write this step's keys/values into the 'cache' collection and attend over all of it.
+    def _cross_kv(self, dense, inputs_kv):
+        """Cross-attention keys / values of `inputs_kv`, or (inputs_kv None) the ones a `cross_cache`
+        call stored: an encoder-decoder computes them once at prefill, not at every decode step."""
+        if inputs_kv is None:
+            return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+        k = dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "kv"), name="key")(inputs_kv)
+        v = dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "kv"), name="value")(inputs_kv)
+        if self.cross_cache:
+            self.put_variable("cache", "cross_key", k)
+            self.put_variable("cache", "cross_value", v)
+        return k, v
 
-        Initialising with decode=True and a full-length input only allocates zero caches
-        [batch, max_length, kv_heads, head_dim]; every later call feeds one token per row, shared
-        position `cache_index` (the decoding loop forces prompt tokens, so rows never disagree).
-        """
-        initialised = self.has_variable("cache", "cached_key")
-        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-        if not initialised:
-            return k, v, mask
-        if k.shape[1] != 1:
-            raise ValueError(f"decode=True takes one token per row, got length {k.shape[1]}")
-        i = index.value
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, i, 0, 0))
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, i, 0, 0))
-        index.value = i + 1
-        key_pos = jnp.arange(cached_k.value.shape[1])
-        valid = key_pos <= i
-        if self.sliding_window is not None:
-            valid = valid & (i - key_pos < self.sliding_window)
-        cache_mask = jnp.broadcast_to(valid[None, None, None, :], (k.shape[0], 1, 1, key_pos.shape[0]))
-        mask = cache_mask if mask is None else nn.combine_masks(mask, cache_mask)
-        return cached_k.value, cached_v.value, mask
+    def _cached_attention(self, q, k, v, bias, positions, dropout):
+        """Attend a chunk (grouped queries, its keys / values) to the KV cache and to itself, then
+        write it (layers/kv_cache.py). `bias` [batch, heads, q, positions] is indexed by key position."""
+        cache = {n: self.get_variable("cache", n) for n in kv_cache.NAMES if self.has_variable("cache", n)}
+        window = self.sliding_window
+        old_k, old_v = kv_cache.read(cache, k.dtype)
+        parts = []
+        for keys, values, visible, columns in (
+                (old_k, old_v, kv_cache.visible_cached(cache, positions, window), cache["cached_pos"]),
+                (k, v, kv_cache.visible_chunk(positions, window), positions)):
+            additive = [jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]]
+            if bias is not None:
+                additive.append(_group_heads(kv_cache.gather_columns(bias, columns), q.shape[2]))
+            parts.append((rearrange(keys, "b s k d -> b k s d"), rearrange(values, "b s k d -> b k s d"), additive))
+        out = _attend_parts(q, parts, dropout, self.dtype)
+        for name, value in kv_cache.write(cache, k, v, positions).items():
+            self.put_variable("cache", name, value)
+        return out
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv, mask=None, bias=None, positions_q=None, positions_kv=None):
@@ -119,8 +128,7 @@ class MultiHeadAttention(nn.Module):
         dense = functools.partial(DenseGeneral, axis=-1, use_bias=self.use_bias, dtype=self.dtype,
                                   param_dtype=self.param_dtype)
         q = dense((self.num_heads, self.head_dim), ("embed", "heads", "kv"), name="query")(inputs_q)
-        k = dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "kv"), name="key")(inputs_kv)
-        v = dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "kv"), name="value")(inputs_kv)
+        k, v = self._cross_kv(dense, inputs_kv)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "kv"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "kv"))
@@ -131,11 +139,15 @@ class MultiHeadAttention(nn.Module):
                 positions_q = jnp.broadcast_to(jnp.arange(q_len), (batch, q_len))
             if positions_kv is None:
                 positions_kv = jnp.broadcast_to(jnp.arange(k_len), (batch, k_len))
-            q = apply_rotary(q, positions_q, self.rotary_theta)
-            k = apply_rotary(k, positions_kv, self.rotary_theta)
+            q = apply_rotary(q, positions_q, self.rotary_theta, self.rope_scaling)
+            k = apply_rotary(k, positions_kv, self.rotary_theta, self.rope_scaling)
 
-        if self.decode:
-            k, v, mask = self._use_cache(k, v, mask)
+        cached = self.decode and self.has_variable("cache", "cached_key")
+        if self.decode and not cached:  # initialising: allocate, attend as without a cache
+            for name, value in kv_cache.allocate(k.shape[:1], k.shape[1], k.shape[2], k.shape[3], k.dtype).items():
+                self.put_variable("cache", name, value)
+        elif cached and mask is not None:
+            raise ValueError("cached self-attention builds its own mask from positions; pass mask=None")
 
         if self.scale_scores:
             q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)
@@ -143,14 +155,26 @@ class MultiHeadAttention(nn.Module):
         # batched matmuls; the [b, l, h, d] einsums made XLA:CPU copy-transpose scores and values.
         groups = self.num_heads // self.num_kv_heads
         q = rearrange(q, "b l (k g) d -> b k g l d", g=groups)
+        dropout = (nn.Dropout(self.dropout_rate, deterministic=False)
+                   if self.dropout_rate > 0.0 and not self.deterministic else None)
+        if cached:
+            out = self._cached_attention(q, k, v, bias, positions_q, dropout)
+        else:
+            out = self._attention(q, k, v, bias, mask, groups, dropout)
+        out = rearrange(out, "b k g l d -> b l (k g) d")
+        out = DenseGeneral(inputs_q.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1),
+                           use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="out")(out)
+        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+    def _attention(self, q, k, v, bias, mask, groups, dropout):
+        """Grouped queries against full-sequence keys / values under the caller's mask."""
         k = rearrange(k, "b s k d -> b k s d")
         v = rearrange(v, "b s k d -> b k s d")
         if bias is not None:
-            bias = rearrange(jnp.asarray(bias, jnp.float32), "b (k g) l s -> b k g l s", g=groups)
+            bias = _group_heads(bias, groups)
         if mask is not None:  # an additive -inf-like bias: one add instead of a select per score
             mask = jnp.where(mask > 0, 0.0, jnp.finfo(jnp.float32).min)[:, :, None]
-        dropout = (nn.Dropout(self.dropout_rate, deterministic=False)
-                   if self.dropout_rate > 0.0 and not self.deterministic else None)
         # At most MAX_QUERY_BLOCKS blocks: long sequences get larger blocks, not more small kernels.
         q_len = q.shape[3]
         block = max(self.causal_query_block, q_len // MAX_QUERY_BLOCKS) if self.causal_query_block else 0
@@ -160,23 +184,39 @@ class MultiHeadAttention(nn.Module):
                                    for i in range(0, q_len, block)], axis=3)
         else:
             out = _attend(q, k, v, bias, mask, dropout, self.dtype)
-        out = rearrange(out, "b k g l d -> b l (k g) d")
-        out = DenseGeneral(inputs_q.shape[-1], ("heads", "kv", "embed"), axis=(-2, -1),
-                           use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                           name="out")(out)
-        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+        return out
 
 
 def _attend(q, k, v, bias, mask_bias, dropout, dtype):
     """softmax(q k^T + bias + mask) v over [b, kv_heads, group, length, head_dim] blocks."""
-    scores = jnp.einsum("bkgld,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
-    for additive in (bias, mask_bias):
-        if additive is not None:
-            scores = scores + additive
-    weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return _attend_parts(q, [(k, v, (bias, mask_bias))], dropout, dtype)
+
+
+def _attend_parts(q, parts, dropout, dtype):
+    """One softmax over the keys of several (keys, values, additive terms) parts, e.g. the KV cache
+    and the chunk itself, without concatenating the cache."""
+    scores = []
+    for k, _, additive in parts:
+        s = jnp.einsum("bkgld,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
+        for a in additive:
+            if a is not None:
+                s = s + a
+        scores.append(s)
+    weights = jax.nn.softmax(jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0], axis=-1)
+    weights = weights.astype(dtype)
     if dropout is not None:
         weights = dropout(weights)
-    return jnp.einsum("bkgls,bksd->bkgld", weights, v, preferred_element_type=jnp.float32).astype(dtype)
+    out, start = 0.0, 0
+    for s, (_, v, _) in zip(scores, parts):
+        w = weights[..., start:start + s.shape[-1]]
+        start += s.shape[-1]
+        out = out + jnp.einsum("bkgls,bksd->bkgld", w, v, preferred_element_type=jnp.float32)
+    return out.astype(dtype)
+
+
+def _group_heads(bias, groups: int):
+    """[b, heads, q, k] -> [b, kv_heads, group, q, k], float32."""
+    return rearrange(jnp.asarray(bias, jnp.float32), "b (k g) l s -> b k g l s", g=groups)
 
 
 def _rows_cols(x, start: int, block: int):

@@ -10,7 +10,8 @@ What a family provides:
   batch, which `batch_shapes` and precompile's abstract batch are built from);
 - `scoring_batch(inputs, targets)` and `prompt_ids(ids, bos_id)`: how (input, target) pairs and
   prompts become its features;
-- decoding (`can_decode`): `prefill`, `init_cache`, `decode_step`, `decode_logits`;
+- decoding (`can_decode`): `prefill`, `init_cache`, `decode_step` (or `decode_chunk` with
+  `can_prefill`: whole prompts in one pass), `decode_logits`;
 - `flops_per_example(params, feature_lengths)`.
 What every family shares lives here: init, logical axes, the forward pass, the MoE auxiliary losses
 folded into any objective's sums (`fold_aux_losses`), evaluation sums and per-example scores.
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_like.layers import quantization
+from t5x_like.layers import kv_cache, quantization
 from t5x_like.layers.lora import TRAINABLE_REGEX, LoraConfig, LoraModule
 from t5x_like.layers.moe import collect_moe_aux
 from t5x_like.objectives.cross_entropy import cross_entropy_sums
@@ -59,6 +60,8 @@ class BaseModel:
     targets_feature: str = "decoder_target_tokens"
     weights_feature: str = "decoder_loss_weights"
     can_decode: bool = False
+    # decode_chunk takes k tokens per row at per-row positions: prompts are prefilled in one pass.
+    can_prefill: bool = False
     # Parameters a fine-tuning head adds on top of a pretrained backbone (a regex over '/'-joined
     # paths): they start fresh from a pretrained checkpoint, train in full under LoRA, stay unquantized.
     head_regex: Optional[str] = None
@@ -272,13 +275,42 @@ class BaseModel:
         """Start decoding `prompts` [batch, length], each row repeated `beams` times in the context."""
         raise ModelCapabilityError(f"{type(self).__name__} cannot generate: decoding needs a model with a decoder")
 
-    def init_cache(self, context, rows: int, length: int):
-        """Zero decoding caches for `rows` rows of `length` positions."""
+    def init_cache(self, context, rows: int, length: int, kv_cache_dtype: Optional[str] = None,
+                   window_slack: int = 0):
+        """Empty decoding caches for `rows` rows of up to `length` positions. `kv_cache_dtype`
+        "int8" stores keys / values quantized (layers/kv_cache.py); a sliding-window model keeps
+        a ring buffer of `sliding_window + window_slack` slots (slack: how far a row may be rolled
+        back, e.g. speculative decoding's gamma)."""
+        raise NotImplementedError
+
+    def decode_chunk(self, params, cache, context, tokens, positions, length: int):
+        """(logits [rows, k, vocab] of the tokens after `tokens` [rows, k] at `positions` [rows, k]
+        (-1: padding, not written), new cache). Models with it set `can_prefill`."""
         raise NotImplementedError
 
     def decode_step(self, params, cache, context, tokens, positions, length: int):
         """(logits [rows, vocab] of the token after `tokens` [rows, 1] at `positions`, new cache)."""
-        raise NotImplementedError
+        logits, cache = self.decode_chunk(params, cache, context, tokens, positions, length)
+        return logits[:, 0], cache
+
+    def prefill_cache(self, params, cache, context, prefix, lengths, length: int):
+        """(cache, step context): each row's prefix [rows, P] but its last token written into the cache
+        in one chunk (padding after `lengths` skipped); the loop then feeds that last token. The
+        step context is what later `decode_chunk` calls take (`step_context`)."""
+        columns = jnp.arange(prefix.shape[1])[None]
+        positions = jnp.where(columns < lengths[:, None] - 1, columns, -1)
+        _, cache = self.decode_chunk(params, cache, context, prefix, positions, length)
+        return cache, self.step_context(context)
+
+    def step_context(self, context):
+        """The context decode steps take once the cache is filled (an encoder-decoder drops its
+        encoded inputs: their cross-attention keys / values are in the cache)."""
+        return context
+
+    def rollback_cache(self, cache, index):
+        """Rows' committed positions set to `index` [rows]; later entries are ignored and overwritten
+        (speculative decoding's rejected tokens)."""
+        return kv_cache.set_index(cache, index)
 
     def decode_logits(self, params, context, seq):
         """Logits [rows, length, vocab] of the whole decoder sequence, no cache (the reference path)."""
@@ -290,10 +322,19 @@ class BaseModel:
         axis = 1 if getattr(self.config, "scan_layers", False) else 0
         return jax.tree_util.tree_map(lambda x: jnp.take(x, index, axis=axis) if x.ndim > axis + 1 else x, cache)
 
-    def _zero_cache(self, init):
-        """Zeros shaped like the 'cache' collection `init()` creates (shapes traced, nothing run)."""
-        shapes = jax.eval_shape(init)["cache"]
-        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    def _zero_cache(self, init, slots: Optional[int] = None, kv_cache_dtype: Optional[str] = None):
+        """Empty caches shaped like the 'cache' collection `init()` creates (shapes traced, nothing
+        run); attention caches get `slots` slots (None: as traced) stored as `kv_cache_dtype`."""
+        return kv_cache.relayout(jax.eval_shape(init)["cache"], slots, kv_cache_dtype)
+
+    def _cache_slots(self, length: int, window_slack: int = 0) -> int:
+        """A full cache, or a ring buffer of the sliding window (positions that index a relative
+        bias table keep the full cache)."""
+        cfg = self.config
+        window = getattr(cfg, "sliding_window", None)
+        if window is None or getattr(cfg, "position_embedding", None) == "relative":
+            return length
+        return min(length, window + window_slack)
 
     # ------------------------------------------------------------ cost
 

@@ -73,11 +73,10 @@ class DecoderOnly(NetworkBase):
         return x if return_hidden else self.logits(x)
 
     def decode_step(self, tokens, positions, decode_length: int):
-        """Logits for one token per row ([batch, 1] at `positions`) through the KV cache.
-
-        Apply with mutable=["cache"]; initialising with full-length tokens allocates the cache.
+        """Logits for a chunk of tokens per row ([batch, k] at `positions`, -1: padding) through the
+        KV cache. Apply with mutable=["cache"]; initialising with full-length tokens allocates it.
         """
-        x = self.embed(tokens, positions, True)
+        x = self.embed(tokens, jnp.maximum(positions, 0), True)
         x = self.decoder(x, None, positions, decode=True, decode_length=decode_length)
         return self.logits(x)
 
@@ -85,7 +84,7 @@ class DecoderOnly(NetworkBase):
 @register(DecoderOnlyConfig)
 @gin.configurable
 class DecoderOnlyModel(BaseModel):
-    """Reads seqio's decoder features; decodes prompts through the KV cache of `decode_step`.
+    """Reads seqio's decoder features; prefills prompts into the KV cache of `decode_step` and decodes.
 
     Subclasses may swap `network_cls` for any network with the same call signature and a
     `decode_step(tokens, positions, decode_length)` that keeps its state in the 'cache' collection.
@@ -96,6 +95,7 @@ class DecoderOnlyModel(BaseModel):
     optional_features = ("decoder_target_tokens", "decoder_segment_ids", "decoder_positions",
                          "decoder_causal_attention")
     can_decode = True
+    can_prefill = True
 
     def __init__(self, config: DecoderOnlyConfig = gin.REQUIRED, lora: Optional[LoraConfig] = None,
                  weight_quantization: Optional[str] = None):
@@ -138,19 +138,21 @@ class DecoderOnlyModel(BaseModel):
         return None
 
     def prefill(self, params, prompts, prompt_lengths, *, beams: int = 1, decoder_start_id: int = 0) -> DecodeStart:
-        # No context: the decoding loop feeds each prompt through the cache one token per step.
+        # No context: the prompt is the decoder prefix (`prefill_cache` writes it into the cache).
         return DecodeStart(None, prompts, prompt_lengths)
 
-    def init_cache(self, context, rows: int, length: int):
+    def init_cache(self, context, rows: int, length: int, kv_cache_dtype: Optional[str] = None,
+                   window_slack: int = 0):
         tokens = jnp.zeros((rows, length), jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(length), (rows, length))
         return self._zero_cache(lambda: self.module.init(jax.random.key(0), tokens, positions, length,
-                                                         method="decode_step"))
+                                                         method="decode_step"),
+                                self._cache_slots(length, window_slack), kv_cache_dtype)
 
-    def decode_step(self, params, cache, context, tokens, positions, length: int):
+    def decode_chunk(self, params, cache, context, tokens, positions, length: int):
         logits, mutated = self.module.apply({"params": params, "cache": cache}, tokens, positions, length,
                                             method="decode_step", mutable=["cache"])
-        return logits[:, 0], mutated["cache"]
+        return logits, mutated["cache"]
 
     def decode_logits(self, params, context, seq):
         return self.module.apply({"params": params}, seq)

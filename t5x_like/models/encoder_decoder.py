@@ -57,8 +57,10 @@ class EncoderDecoder(NetworkBase):
         return x if return_hidden else self.logits(x)
 
     def decode_step(self, encoded, encoder_input_tokens, tokens, positions, decode_length: int):
-        """Decoder logits for one token per row through the self-attention KV cache (see DecoderOnly)."""
-        x = self.embed(tokens, positions, True)
+        """Decoder logits for a chunk of tokens per row through the self-attention KV cache (see
+        DecoderOnly). Cross-attention keys / values of `encoded` are stored in the cache; with
+        `encoded` None they are read from it (computed once per prompt)."""
+        x = self.embed(tokens, jnp.maximum(positions, 0), True)
         cross_mask = make_cross_mask(jnp.ones_like(tokens), encoder_input_tokens)
         x = self.decoder(x, None, positions, encoded=encoded, cross_mask=cross_mask, decode=True,
                          decode_length=decode_length)
@@ -77,13 +79,15 @@ class EncoderDecoder(NetworkBase):
 @register(EncoderDecoderConfig)
 @gin.configurable
 class EncoderDecoderModel(BaseModel):
-    """Inputs go to the encoder, targets are decoded after the start id; the encoder runs once per decode."""
+    """Inputs go to the encoder, targets are decoded after the start id; the encoder and the
+    cross-attention keys / values run once per decode (`prefill_cache`)."""
 
     network_cls = EncoderDecoder
     required_features = ("encoder_input_tokens", "decoder_input_tokens")
     optional_features = ("decoder_target_tokens", "encoder_segment_ids", "decoder_segment_ids",
                          "encoder_positions", "decoder_positions")
     can_decode = True
+    can_prefill = True
 
     def __init__(self, config: EncoderDecoderConfig = gin.REQUIRED, lora: Optional[LoraConfig] = None,
                  weight_quantization: Optional[str] = None):
@@ -126,17 +130,24 @@ class EncoderDecoderModel(BaseModel):
         batch = prompts.shape[0]
         return DecodeStart(context, jnp.full((batch, 1), decoder_start_id, jnp.int32), jnp.ones((batch,), jnp.int32))
 
-    def init_cache(self, context, rows: int, length: int):
+    def init_cache(self, context, rows: int, length: int, kv_cache_dtype: Optional[str] = None,
+                   window_slack: int = 0):
         encoded, enc_tokens = (jnp.zeros(x.shape, x.dtype) for x in context)
         tokens = jnp.zeros((rows, length), jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(length), (rows, length))
         return self._zero_cache(lambda: self.module.init(jax.random.key(0), encoded, enc_tokens, tokens, positions,
-                                                         length, method="decode_step"))
+                                                         length, method="decode_step"),
+                                self._cache_slots(length, window_slack), kv_cache_dtype)
 
-    def decode_step(self, params, cache, context, tokens, positions, length: int):
+    def decode_chunk(self, params, cache, context, tokens, positions, length: int):
+        """`context` (encoded, encoder tokens) computes and stores cross-attention keys / values;
+        (None, encoder tokens), the `step_context`, reads the stored ones."""
         logits, mutated = self.module.apply({"params": params, "cache": cache}, *context, tokens, positions, length,
                                             method="decode_step", mutable=["cache"])
-        return logits[:, 0], mutated["cache"]
+        return logits, mutated["cache"]
+
+    def step_context(self, context):
+        return (None, context[1])
 
     def decode_logits(self, params, context, seq):
         return self.module.apply({"params": params}, *context, seq, method="decode")

@@ -39,7 +39,7 @@ class TransformerLayer(nn.Module):
     config: "TransformerConfig"  # noqa: F821 (any family's config)
     has_cross_attention: bool = False
     deterministic: bool = True
-    decode: bool = False  # self-attention reads/writes the KV cache (one token per call)
+    decode: bool = False  # self-attention reads/writes the KV cache (a chunk of tokens per call)
     use_moe: bool = False  # feed-forward block is a mixture of experts (layers/moe.py)
     causal_mask: bool = False  # the self-attention mask hides later keys (blocked attention may skip them)
 
@@ -52,14 +52,15 @@ class TransformerLayer(nn.Module):
         def norm(name):
             return Norm(cfg.norm_type, cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
 
-        def attention(name, rotary, decode=False, causal=False):
+        def attention(name, rotary, decode=False, causal=False, cross_cache=False):
             return MultiHeadAttention(
                 num_heads=cfg.num_heads, num_kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
                 use_bias=cfg.use_bias, scale_scores=cfg.scale_attention_scores,
                 rotary_theta=cfg.rotary_theta if rotary else None, dropout_rate=cfg.dropout_rate,
+                rope_scaling=cfg.rope_scaling if rotary else None,
                 deterministic=self.deterministic, dtype=dtype, param_dtype=param_dtype, decode=decode,
                 sliding_window=cfg.sliding_window if decode else None,
-                causal_query_block=cfg.causal_query_block if causal else 0, name=name)
+                causal_query_block=cfg.causal_query_block if causal else 0, cross_cache=cross_cache, name=name)
 
         def residual(x, sublayer, norm_name):
             h = sublayer(norm(norm_name)(x) if pre else x)
@@ -71,10 +72,14 @@ class TransformerLayer(nn.Module):
         x = residual(x, lambda h: attention("self_attention", rotary, self.decode, self.causal_mask)(
             h, h, mask, bias, positions, positions), "self_attention_norm")
         if self.has_cross_attention:
-            x = residual(x, lambda h: attention("cross_attention", False)(
+            # Decoding: keys / values of `encoded` stored once, read from the cache when it is None.
+            x = residual(x, lambda h: attention("cross_attention", False, cross_cache=self.decode)(
                 h, encoded, cross_mask), "cross_attention_norm")
         if self.use_moe:
-            mlp = moe_mlp_for_config(cfg, self.deterministic, dtype=dtype, param_dtype=param_dtype)
+            # Decoding never drops a token: its output must not depend on the other tokens routed
+            # with it (the prompt's padding at prefill, one token per row at a step).
+            moe_cfg = cfg.replace(moe_capacity_factor=None, moe_group_size=None) if self.decode else cfg
+            mlp = moe_mlp_for_config(moe_cfg, self.deterministic, dtype=dtype, param_dtype=param_dtype)
         else:
             mlp = Mlp(cfg.mlp_dim, cfg.mlp_activations, use_bias=cfg.use_bias, dropout_rate=cfg.dropout_rate,
                       deterministic=self.deterministic, dtype=dtype, param_dtype=param_dtype, name="mlp")
@@ -93,8 +98,9 @@ class TransformerStack(nn.Module):
     @nn.compact
     def __call__(self, x, mask, positions=None, encoded=None, cross_mask=None, deterministic=True,
                  decode: bool = False, decode_length: Optional[int] = None, causal_mask: bool = False):
-        """decode: x holds one token per row at `positions` [batch, 1]; attention uses the KV cache of
-        `decode_length` positions (the relative bias is taken from that full table, row `positions`).
+        """decode: x holds a chunk of tokens per row at `positions` [batch, k] (-1: padding); attention
+        uses the KV cache (layers/kv_cache.py) of up to `decode_length` positions, and the relative
+        bias is that full table's rows at `positions`, indexed by key position.
         causal_mask: `mask` hides every key after its query (not prefix-LM), so self-attention
         computes only the blocks on and below the diagonal (config.causal_query_block)."""
         cfg = self.config
@@ -105,8 +111,9 @@ class TransformerStack(nn.Module):
             bias = RelativePositionBias(cfg.relative_num_buckets, cfg.relative_max_distance, cfg.num_heads,
                                         bidirectional=not self.causal, dtype=dtype, param_dtype=param_dtype,
                                         name="relpos_bias")(length, length)
-            if decode:  # [1, heads, L, L] -> the query rows at each row's position: [batch, heads, 1, L]
-                bias = jnp.transpose(jnp.take(bias[0], positions[:, 0], axis=1), (1, 0, 2))[:, :, None, :]
+            if decode:  # [1, heads, L, L] -> the query rows at each row's positions: [batch, heads, k, L]
+                rows = jnp.take(bias[0], jnp.clip(positions, 0, length - 1), axis=1)
+                bias = jnp.transpose(rows, (1, 0, 2, 3))
 
         layer_cls = TransformerLayer
         if cfg.remat_policy != "none" and not decode:

@@ -227,3 +227,49 @@ def test_causal_query_blocks_match_numpy_reference(num_kv_heads, block, random_p
     ref = _np_attention(params, x, x, heads, num_kv_heads, head_dim, True, full_mask, bias)
     np.testing.assert_allclose(got[seen], ref[seen], rtol=1e-4, atol=1e-4)
     assert np.all(np.isfinite(got))
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoding KV cache (layers/kv_cache.py): chunks at per-row positions, ring buffer, int8.
+
+
+@pytest.mark.parametrize("window, slots, kv_dtype", [(None, 12, None), (3, 3, None), (4, 6, None), (None, 12, "int8")])
+def test_cached_chunks_match_numpy_reference(window, slots, kv_dtype, random_params):
+    """Rows fed in chunks of 5, 1, 4, 2 tokens (row 1 padded inside chunks, as a ragged prefill is),
+    through a full cache or a ring of `slots`, attend as full causal (windowed) attention over the
+    whole sequence does, in float64 numpy; int8 storage within its rounding."""
+    from t5x_like.layers import kv_cache
+
+    rng = np.random.default_rng(slots)
+    batch, length, embed, heads, kv_heads, head_dim, theta = 2, 12, 16, 4, 2, 8, 10_000.0
+    x = rng.normal(size=(batch, length, embed)).astype(np.float32)
+    mha = MultiHeadAttention(heads, kv_heads, head_dim, rotary_theta=theta, decode=True, sliding_window=window)
+    params = random_params(MultiHeadAttention(heads, kv_heads, head_dim, rotary_theta=theta), x, x)
+    pos = np.broadcast_to(np.arange(length), (batch, length))
+    _, init = mha.init_with_output(jax.random.key(0), x, x, None, None, pos, pos)
+    cache = kv_cache.relayout(init["cache"], slots, kv_dtype)
+    apply = jax.jit(lambda cache, xs, p: mha.apply({"params": params, "cache": cache}, xs, xs, None, None, p, p,
+                                                   mutable=["cache"]))
+    got = np.zeros((batch, length, embed), np.float32)
+    start = np.zeros(batch, int)
+    for size in (5, 1, 4, 2):
+        columns = start[:, None] + np.arange(size)[None]
+        positions = columns.copy()
+        if size > 1:
+            positions[1, -1] = -1  # row 1 leaves its last chunk token for the next chunk
+        xs = np.take_along_axis(x, np.minimum(columns, length - 1)[:, :, None], axis=1)
+        out, mutated = apply(cache, xs, jnp.asarray(positions))
+        cache = mutated["cache"]
+        for b in range(batch):
+            for j, p in enumerate(positions[b]):
+                if p >= 0:
+                    got[b, p] = np.asarray(out)[b, j]
+        start = start + (positions >= 0).sum(1)
+    assert np.all(start == np.asarray(cache["cache_index"]))
+    mask = np.asarray(make_decoder_mask(length, batch, sliding_window=window))
+    ref = _np_attention(params, x, x, heads, kv_heads, head_dim, True, mask, rotary_theta=theta, pos_q=pos, pos_kv=pos)
+    tol = 0.05 if kv_dtype == "int8" else 1e-4
+    for b in range(batch):  # row 1 wrote fewer positions
+        np.testing.assert_allclose(got[b, :start[b]], ref[b, :start[b]], rtol=tol, atol=tol)
+    if kv_dtype == "int8":
+        assert not np.allclose(got[0], ref[0], rtol=1e-6, atol=1e-6)  # it did quantize

@@ -1,4 +1,4 @@
-"""T5 relative-position buckets and bias, and rotary embeddings, against independent references."""
+"""T5 relative-position buckets and bias, and rotary embeddings (and their scaling), against independent references."""
 
 import math
 
@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from t5x_like.layers import RelativePositionBias, apply_rotary, relative_position_buckets
+from t5x_like.layers.positions import RopeScaling, RopeScalingError, dynamic_inv_freq, rope_inv_freq
+from t5x_like.models.config import ConfigError, DecoderOnlyConfig
 
 BUCKET_SETTINGS = [(32, 128), (8, 20), (16, 64), (64, 256)]
 
@@ -140,3 +142,139 @@ def test_rotary_scores_depend_only_on_position_difference():
         np.testing.assert_allclose(scores(pos + shift, pos + shift), base, rtol=1e-4, atol=1e-4)
     # Shifting only the keys changes the relative positions, hence the scores.
     assert not np.allclose(scores(pos, pos + 3), base, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary scaling: closed forms written from the papers' reference code, not from our module.
+
+DIM, THETA = 64, 10_000.0
+BASE_FREQ = THETA ** (-np.arange(0, DIM, 2, dtype=np.float64) / DIM)
+
+
+def test_linear_scaling_divides_every_frequency():
+    inv, factor = rope_inv_freq(DIM, THETA, RopeScaling("linear", 4.0))
+    np.testing.assert_allclose(inv, BASE_FREQ / 4.0, rtol=1e-12)
+    assert factor == 1.0
+
+
+def _meta_llama31_scaling(freqs, factor, low, high, old_len):
+    """Meta's `apply_scaling` (llama-models, Llama 3.1), one frequency at a time."""
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_len / high:
+            out.append(freq)
+        elif wavelen > old_len / low:
+            out.append(freq / factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            out.append((1 - smooth) * freq / factor + smooth * freq)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("factor, low, high, old_len", [(8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192),
+                                                        (4.0, 2.0, 8.0, 256)])
+def test_llama3_matches_meta_reference(factor, low, high, old_len):
+    s = RopeScaling("llama3", factor, old_len, low_freq_factor=low, high_freq_factor=high)
+    inv, attn = rope_inv_freq(DIM, 500_000.0, s)
+    base = 500_000.0 ** (-np.arange(0, DIM, 2) / DIM)
+    ref = _meta_llama31_scaling(base, factor, low, high, old_len)
+    np.testing.assert_allclose(inv, ref, rtol=1e-12)
+    assert attn == 1.0
+    # All three bands occur: kept, divided by factor, and smoothed in between.
+    assert (inv == base).any() and np.isclose(inv, base / factor).any()
+    assert ((inv < base) & (inv > base / factor)).any()
+
+
+def _yarn_reference(dim, base, factor, orig, beta_fast, beta_slow):
+    """jquesnelle/yarn's `_yarn_find_correction_range` / `_yarn_linear_ramp_mask`, one dimension at a time."""
+    def corr(rot):
+        return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
+    low, high = max(math.floor(corr(beta_fast)), 0), min(math.ceil(corr(beta_slow)), dim - 1)
+    out = []
+    for i in range(dim // 2):
+        freq = base ** (-2 * i / dim)
+        ramp = min(max((i - low) / ((high - low) or 0.001), 0.0), 1.0)
+        keep = 1.0 - ramp  # extrapolation weight
+        out.append(freq / factor * (1 - keep) + freq * keep)
+    return np.array(out), 0.1 * math.log(factor) + 1.0
+
+
+@pytest.mark.parametrize("factor, orig, beta_fast, beta_slow", [(4.0, 2048, 32, 1), (16.0, 4096, 32, 1),
+                                                                (8.0, 512, 16, 2)])
+def test_yarn_matches_reference(factor, orig, beta_fast, beta_slow):
+    s = RopeScaling("yarn", factor, orig, beta_fast=beta_fast, beta_slow=beta_slow)
+    inv, attn = rope_inv_freq(DIM, THETA, s)
+    ref, ref_attn = _yarn_reference(DIM, THETA, factor, orig, beta_fast, beta_slow)
+    np.testing.assert_allclose(inv, ref, rtol=1e-12)
+    assert attn == pytest.approx(ref_attn, rel=1e-12) and attn > 1.0
+    # Fast dimensions (many turns over the original length) are kept, slow ones interpolated.
+    assert inv[0] == BASE_FREQ[0] and inv[-1] == pytest.approx(BASE_FREQ[-1] / factor, rel=1e-12)
+
+
+def test_yarn_attention_factor_options():
+    assert rope_inv_freq(DIM, THETA, RopeScaling("yarn", 4.0, 512, attention_factor=0.5))[1] == 0.5
+    mscale = rope_inv_freq(DIM, THETA, RopeScaling("yarn", 40.0, 4096, mscale=1.0, mscale_all_dim=0.5))[1]
+    m = lambda k: 0.1 * k * math.log(40.0) + 1.0  # noqa: E731  (DeepSeek-V2's yarn_get_mscale)
+    assert mscale == pytest.approx(m(1.0) / m(0.5), rel=1e-12)
+    assert rope_inv_freq(DIM, THETA, RopeScaling("yarn", 1.0, 512))[1] == 1.0  # no scaling, no factor
+
+
+@pytest.mark.parametrize("factor", [2.0, 8.0])
+def test_dynamic_ntk_closed_form(factor):
+    """Up to the original length the frequencies are RoPE's; beyond it the base grows so that the
+    fastest frequency is kept and the slowest is divided by exactly alpha = factor L / orig - (factor - 1)."""
+    s, orig = RopeScaling("dynamic", factor, 256), 256
+    for length in (1, 100, 256):
+        np.testing.assert_allclose(np.asarray(dynamic_inv_freq(DIM, THETA, s, length)), BASE_FREQ, rtol=1e-6)
+    for length in (257, 512, 3000):
+        alpha = factor * length / orig - (factor - 1)
+        inv = np.asarray(dynamic_inv_freq(DIM, THETA, s, length), np.float64)
+        base = THETA * alpha ** (DIM / (DIM - 2))
+        np.testing.assert_allclose(inv, base ** (-np.arange(0, DIM, 2) / DIM), rtol=1e-5)
+        assert inv[0] == 1.0 and inv[-1] == pytest.approx(BASE_FREQ[-1] / alpha, rel=1e-5)
+
+
+def _np_scaled_rotary(x, positions, inv_freq, factor=1.0):
+    z = x[..., : x.shape[-1] // 2] + 1j * x[..., x.shape[-1] // 2:]
+    z = factor * z * np.exp(1j * np.asarray(positions, np.float64)[:, :, None, None] * inv_freq)
+    return np.concatenate([z.real, z.imag], axis=-1)
+
+
+@pytest.mark.parametrize("scaling", [RopeScaling("linear", 4.0), RopeScaling("yarn", 4.0, 16),
+                                     RopeScaling("llama3", 8.0, 16), RopeScaling("dynamic", 4.0, 16)],
+                         ids=lambda s: s.rope_type)
+def test_apply_rotary_with_scaling(scaling):
+    """Rotation by the scheme's frequencies (dynamic: at max position + 1 over the batch), cos/sin
+    times YaRN's attention factor; all differ from unscaled RoPE at these positions."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 8, 2, DIM)).astype(np.float32)
+    pos = np.array([np.arange(8), np.arange(30, 38)])
+    if scaling.rope_type == "dynamic":
+        inv, factor = np.asarray(dynamic_inv_freq(DIM, THETA, scaling, 38), np.float64), 1.0
+    else:
+        inv, factor = rope_inv_freq(DIM, THETA, scaling)
+    got = np.asarray(apply_rotary(jnp.asarray(x), jnp.asarray(pos), THETA, scaling))
+    np.testing.assert_allclose(got, _np_scaled_rotary(x, pos, inv, factor), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(got, np.asarray(apply_rotary(jnp.asarray(x), jnp.asarray(pos), THETA)), atol=1e-3)
+
+
+def test_rope_scaling_bad_input_is_one_line():
+    with pytest.raises(RopeScalingError, match=r"rope_type='longrope' is not supported; use one of "
+                                               r"linear, dynamic, yarn, llama3$"):
+        RopeScaling("longrope", 2.0)
+    with pytest.raises(RopeScalingError, match="needs original_max_position_embeddings"):
+        RopeScaling("yarn", 4.0)
+    with pytest.raises(RopeScalingError, match="factor=0"):
+        RopeScaling("linear", 0)
+    with pytest.raises(RopeScalingError, match="unknown keys \\['beta'\\]"):
+        DecoderOnlyConfig(position_embedding="rotary", rope_scaling={"rope_type": "yarn", "factor": 2.0, "beta": 1})
+    with pytest.raises(ConfigError, match="rotary positions only"):
+        DecoderOnlyConfig(position_embedding="relative", rope_scaling={"rope_type": "linear", "factor": 2.0})
+
+
+def test_config_takes_a_gin_dict_and_stays_hashable():
+    c = DecoderOnlyConfig(position_embedding="rotary",
+                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64})
+    assert c.rope_scaling == RopeScaling("llama3", 8.0, 64)
+    assert hash(c) == hash(c.replace())
