@@ -20,6 +20,7 @@ Modes:
              split, score it with the task's metric_fns; predictions JSONL and metrics in --output_dir
   precompile ahead-of-time compile the train step for a model on a mesh of NUM_FAKE_DEVICES fake CPU
              devices with abstract arrays (gin/runs/precompile.gin); print per-device memory and FLOPs
+  rl         RLHF with on-policy sampling, GRPO or PPO (gin/runs/grpo.gin, ppo.gin; inference/rlhf.py)
   sweep      --spec=configs/NAME.yaml [--storage=URL] [--sweep_dir=DIR] [--report_only]: run one worker of
              an Optuna hyperparameter sweep (every trial a training run), then write results.csv/.md and
              plots into the sweep directory; start the same command on more hosts to share the study
@@ -44,7 +45,7 @@ from t5x_like.errors import UserError
 from t5x_like.runtime import quiet_startup
 
 MODES = ("train", "eval", "plot", "demo", "import_hf", "export_peft", "quantize", "precompile", "infer", "score",
-         "infer_eval", "sweep")
+         "infer_eval", "sweep", "rl")
 
 
 class UsageError(UserError):
@@ -217,6 +218,21 @@ def run_infer_eval_mode(gin_files, bindings, output_dir) -> None:
         print(f"infer_eval {task}: " + " ".join(f"{k}={v:.4f}" for k, v in values.items()))
 
 
+def run_rl_mode(gin_files, bindings) -> None:
+    import gin
+
+    from t5x_like import gin_config
+    from t5x_like.inference import rlhf
+
+    if not gin_files:
+        raise UsageError("rl needs gin files, e.g. --gin_file=RUN/config.gin --gin_file=runs/grpo.gin")
+    gin_config.parse(gin_files, bindings)
+    gin_config.check_required_macros()
+    results = rlhf.rl_train(model=gin_config.model_from_gin(), gin_config_text=gin.config_str())
+    for split, values in results.items():
+        print(f"rl {split}: " + " ".join(f"{k}={v:.4f}" for k, v in values.items()))
+
+
 # OSErrors about a path the user named: one line naming the path, not a traceback.
 PATH_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 # OSErrors of the environment the user can fix (disk full, quota, read-only file system).
@@ -279,6 +295,8 @@ def run_mode(args, bindings) -> None:
     elif args.mode == "precompile":
         from t5x_like.training import precompile
         precompile.run(args.gin_file, bindings)
+    elif args.mode == "rl":
+        run_rl_mode(args.gin_file, bindings)
     elif args.mode == "sweep":
         from t5x_like import sweep
         if not args.spec:
