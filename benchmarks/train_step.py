@@ -16,9 +16,10 @@ MFU against the float32 (or bfloat16) matmul peak measured in that process, and 
 line gives decoder-only float32 MFU against the 70% target and the worst t5x_like / transformers
 tokens/s ratio against the 1.5x target.
 
-Same configuration, two caveats: t5x_like's MoE trains with expert capacity factor 1.25 (tokens past
-capacity are dropped, as in Switch/GShard training) where transformers' Mixtral never drops; and
-bfloat16 means bfloat16 activations with float32 params in both (torch.autocast on the PyTorch side).
+MoE: t5x_like runs twice, dropless (its default: tokens sorted by expert through grouped matmuls,
+none dropped, exactly the work Mixtral in transformers does) and `t5x_like_capacity` (GShard/Switch
+one-hot dispatch with capacity factor 1.25, tokens past capacity dropped); the summary line gives
+dropless / capacity tokens/s. One caveat: bfloat16 means bfloat16 activations with float32 params in both (torch.autocast on the PyTorch side).
 The FLOP count includes the vocabulary projection at every position, as transformers computes it;
 t5x_like's fused loss projects only the weighted ones (the encoder-only MLM batch weights 15%), so
 its encoder-only TFLOP/s and MFU count work it skipped and can pass the matmul peak.
@@ -43,6 +44,7 @@ except ImportError:  # an older checkout being measured for a before/after compa
 FAMILIES = ("decoder_only", "encoder_decoder", "encoder_only", "moe")
 D_MODEL, HEADS, LAYERS, MLP, VOCAB, BATCH, SEQ, DEC_SEQ = 512, 8, 6, 2048, 32768, 8, 512, 128
 EXPERTS, TOP_K, CAPACITY = 8, 2, 1.25
+CAPACITY_ROW = "t5x_like_capacity"   # the MoE family's second t5x_like row: capacity-factor dispatch
 
 
 def hf_config(family: str):
@@ -137,7 +139,7 @@ def timed_steps(step, steps: int) -> float:
     return best
 
 
-def run_t5x_like(family: str, dtype: str, checkpoint: str, steps: int) -> dict:
+def run_t5x_like(family: str, dtype: str, checkpoint: str, steps: int, moe_impl: str = "dropless") -> dict:
     import jax
 
     from t5x_like.interop import hf
@@ -147,7 +149,9 @@ def run_t5x_like(family: str, dtype: str, checkpoint: str, steps: int) -> dict:
 
     overrides = {"dtype": dtype}
     if family == "moe":
-        overrides["moe_capacity_factor"] = CAPACITY
+        overrides["moe_impl"] = moe_impl
+        if moe_impl == "capacity":
+            overrides["moe_capacity_factor"] = CAPACITY
     model, variables = hf.load(checkpoint, **overrides)
     optimizer = optimizers.adamw(peak_learning_rate=1e-4, warmup_steps=10, decay_steps=1000)
     state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=variables["params"],
@@ -247,8 +251,12 @@ def time_step(family: str, dtype: str = "float32", steps: int = 2) -> float:
 
 
 def worker(args) -> None:
-    run = run_t5x_like if args.framework == "t5x_like" else run_transformers
-    print("RESULT " + json.dumps(run(args.family, args.dtype, args.checkpoint, args.steps)), flush=True)
+    if args.framework == CAPACITY_ROW:
+        result = run_t5x_like(args.family, args.dtype, args.checkpoint, args.steps, moe_impl="capacity")
+    else:
+        run = run_t5x_like if args.framework == "t5x_like" else run_transformers
+        result = run(args.family, args.dtype, args.checkpoint, args.steps)
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def spawn(framework: str, family: str, dtype: str, checkpoint: str, steps: int) -> dict:
@@ -285,7 +293,7 @@ def main() -> None:
     frameworks = [f for f in args.frameworks.split(",") if f]
     print(f"cores: {os.cpu_count()}, batch {BATCH} x seq {SEQ} (enc-dec targets {DEC_SEQ}), d_model {D_MODEL}, "
           f"{HEADS} heads, {LAYERS} layers, MLP {MLP}, vocab {VOCAB}; MoE {EXPERTS} experts top-{TOP_K}")
-    header = (f"{'family':16} {'dtype':9} {'framework':13} {'step s':>7} {'tok/s':>8} {'TFLOP/s':>8} "
+    header = (f"{'family':16} {'dtype':9} {'framework':17} {'step s':>7} {'tok/s':>8} {'TFLOP/s':>8} "
               f"{'peak TF/s':>9} {'MFU':>6} {'RSS GiB':>8} {'loss@0':>7}")
     print(header)
     rows = {}
@@ -296,19 +304,23 @@ def main() -> None:
             hf_model_class(family)(hf_config(family)).save_pretrained(checkpoint, safe_serialization=True)
             for dtype in args.dtypes.split(","):
                 flops = None
-                for framework in frameworks:
+                runs = frameworks
+                if family == "moe" and "t5x_like" in frameworks:
+                    runs = frameworks[:frameworks.index("t5x_like") + 1] + [CAPACITY_ROW] + \
+                        frameworks[frameworks.index("t5x_like") + 1:]
+                for framework in runs:
                     r = spawn(framework, family, dtype, checkpoint, args.steps)
                     rows[(family, dtype, framework)] = r
                     if "error" in r:
-                        print(f"{family:16} {dtype:9} {framework:13} failed: {r['error']}", flush=True)
+                        print(f"{family:16} {dtype:9} {framework:17} failed: {r['error']}", flush=True)
                         continue
-                    flops = r["flops"] if framework == "t5x_like" else flops
+                    flops = r["flops"] if framework.startswith("t5x_like") else flops
                     if flops is None:  # transformers alone: count with t5x_like's formula anyway
                         flops = spawn("t5x_like", family, dtype, checkpoint, 0).get("flops", float("nan"))
                     r["tok_s"] = r["tokens"] / r["seconds"]
                     r["tflops"] = flops / r["seconds"] / 1e12
                     r["mfu"] = flops / r["seconds"] / r["peak"]
-                    print(f"{family:16} {dtype:9} {framework:13} {r['seconds']:7.2f} {r['tok_s']:8.0f} "
+                    print(f"{family:16} {dtype:9} {framework:17} {r['seconds']:7.2f} {r['tok_s']:8.0f} "
                           f"{r['tflops']:8.3f} {r['peak'] / 1e12:9.3f} {r['mfu']:6.1%} {r['rss_gib']:8.2f} "
                           f"{r['loss']:7.3f}", flush=True)
     ratios = {}
@@ -318,6 +330,11 @@ def main() -> None:
             ratios[(family, dtype)] = r["tok_s"] / peer["tok_s"]
     if ratios:
         print("t5x_like / transformers tokens/s: " + ", ".join(f"{f} {d} {v:.2f}x" for (f, d), v in ratios.items()))
+    moe = {d: r["tok_s"] / rows[(f, d, CAPACITY_ROW)]["tok_s"] for (f, d, fw), r in rows.items()
+           if fw == "t5x_like" and "tok_s" in r and "tok_s" in rows.get((f, d, CAPACITY_ROW), {})}
+    if moe:
+        print(f"moe dropless / capacity {CAPACITY} tokens/s (targets: 1.2x capacity, 1.3x transformers): "
+              + ", ".join(f"{d} {v:.2f}x" for d, v in moe.items()))
     mfu = rows.get(("decoder_only", "float32", "t5x_like"), {}).get("mfu")
     worst = min(ratios.items(), key=lambda kv: kv[1]) if ratios else None
     print("RESULT decoder-only f32 MFU " + (f"{mfu:.1%} (target 70%)" if mfu is not None else "n/a")

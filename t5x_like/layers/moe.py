@@ -10,6 +10,9 @@ Dispatch and combine are one-hot einsums ([group, token, expert, capacity]), so 
 [expert, group, capacity, embed] can be sharded over the `expert` mesh axis and XLA inserts the
 all-to-alls. Router losses and metrics are sown into the 'intermediates' collection under the names
 in `MOE_LOSS_KEYS` / `MOE_METRIC_KEYS`; `collect_moe_aux` reduces them over layers.
+
+`MoeMlp(impl="dropless")` (the default) routes the same way without capacity: tokens sorted by
+expert through grouped matmuls, with expert parallelism over all-to-all (moe_dropless.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import flax.linen as nn
 
 from t5x_like.layers.dense import DenseGeneral
 from t5x_like.layers.mlp import ACTIVATION_FNS
+from t5x_like.layers.moe_dropless import dropless_moe, router_losses
 
 # Losses are summed over MoE layers (each layer's router is regularised), metrics averaged.
 MOE_LOSS_KEYS = ("moe_aux_loss", "moe_z_loss")
@@ -79,11 +83,7 @@ def route(router_logits, top_k: int, capacity: int, renormalize: bool = True) ->
     dispatch = jnp.sum(assign, axis=2)                                 # [G, S, E, C]
     combine = jnp.sum(assign * weights[..., None, None], axis=2)
 
-    # Switch load balancing: E * sum_e (fraction of assignments to e) * (mean probability of e);
-    # 1.0 when both are uniform. Computed before capacity, per group, then averaged.
-    fraction = jnp.mean(jnp.sum(choice, axis=2).astype(jnp.float32), axis=1) / top_k  # [G, E]
-    aux = jnp.mean(e * jnp.sum(fraction * jnp.mean(probs, axis=1), axis=-1))
-    z = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+    aux, z = router_losses(logits, probs, experts)
     per_expert = jnp.sum(dispatch, axis=(0, 1, 3))                     # kept assignments per expert
     usage = per_expert / jnp.maximum(jnp.sum(per_expert), 1.0)
     return {"dispatch": dispatch, "combine": combine, "experts": experts, "weights": weights, "kept": kept,
@@ -105,6 +105,10 @@ class MoeMlp(nn.Module):
     mlp_dim: int
     activations: Sequence[str] = ("relu",)
     top_k: int = 1
+    # "dropless": sorted tokens and grouped matmuls (moe_dropless.py); "capacity": one-hot dispatch
+    # with capacity_factor and group_size (Switch/GShard reproductions).
+    impl: str = "dropless"
+    grouped_matmul: str = "auto"   # dropless only: "auto", "blocked" (the CPU scan) or "ragged"
     capacity_factor: Optional[float] = 1.25
     group_size: Optional[int] = None
     renormalize_top_k: bool = True
@@ -141,10 +145,11 @@ class MoeMlp(nn.Module):
             xg = x.reshape(batch * length // self.group_size, self.group_size, d)
         xg = nn.with_logical_constraint(jnp.asarray(xg, self.dtype), ("batch", "length", "embed"))
         g, s, _ = xg.shape
-        capacity = expert_capacity(s, e, self.top_k, self.capacity_factor)
-
         logits = DenseGeneral(e, ("embed", "expert"), dtype=jnp.float32, param_dtype=self.param_dtype,
                               name="router")(jnp.asarray(xg, jnp.float32))
+        if self.impl == "dropless":
+            return self._dropless(x, logits.reshape(batch, length, e), g)
+        capacity = expert_capacity(s, e, self.top_k, self.capacity_factor)
         r = route(logits, self.top_k, capacity, self.renormalize_top_k)
         for key in MOE_LOSS_KEYS + MOE_METRIC_KEYS:
             self.sow("intermediates", key, r[key])
@@ -166,6 +171,36 @@ class MoeMlp(nn.Module):
                        preferred_element_type=jnp.float32).astype(self.dtype)
         y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
         return y.reshape(batch, length, d)
+
+
+    def _expert_params(self, d):
+        """Kernels (wi..., wo) and biases (or None) as `_expert_dense` declares them."""
+        names = ["wi"] if len(self.activations) == 1 else [f"wi_{i}" for i in range(len(self.activations))]
+        shapes = [(name, d, self.mlp_dim, ("expert", "embed", "mlp")) for name in names]
+        shapes.append(("wo", self.mlp_dim, d, ("expert", "mlp", "embed")))
+        kernels = [self.param(n, nn.with_logical_partitioning(expert_kernel_init, axes), (self.num_experts, i, o),
+                              self.param_dtype) for n, i, o, axes in shapes]
+        if not self.use_bias:
+            return kernels, None
+        biases = [self.param(f"{n}_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("expert", axes[2])),
+                             (self.num_experts, o), self.param_dtype) for n, _, o, axes in shapes]
+        return kernels, biases
+
+    def _dropless(self, x, logits, groups):
+        kernels, biases = self._expert_params(x.shape[-1])
+        rate = 0.0 if self.deterministic else self.dropout_rate
+        key = self.make_rng("dropout") if rate > 0 else None
+        x = nn.with_logical_constraint(jnp.asarray(x, self.dtype), ("batch", "length", "embed"))
+        y, aux, z, counts = dropless_moe(
+            x, logits, kernels, biases, key, top_k=self.top_k, renormalize=self.renormalize_top_k,
+            activations=self.activations, dtype=self.dtype, groups=groups, method=self.grouped_matmul,
+            dropout_rate=rate)
+        usage = counts / jnp.maximum(jnp.sum(counts), 1.0)
+        stats = {"moe_aux_loss": aux, "moe_z_loss": z, "moe_dropped_fraction": jnp.zeros((), jnp.float32),
+                 "moe_expert_usage_max": jnp.max(usage), "moe_expert_usage_min": jnp.min(usage)}
+        for key_name in MOE_LOSS_KEYS + MOE_METRIC_KEYS:
+            self.sow("intermediates", key_name, stats[key_name])
+        return nn.with_logical_constraint(y, ("batch", "length", "embed"))
 
 
 def collect_moe_aux(intermediates: Mapping) -> dict:
@@ -191,7 +226,7 @@ def collect_moe_aux(intermediates: Mapping) -> dict:
 def moe_mlp_for_config(cfg, deterministic: bool, name: str = "mlp", **kw) -> MoeMlp:
     """The MoeMlp a TransformerConfig describes (kw: dtype, param_dtype)."""
     return MoeMlp(num_experts=cfg.num_experts, mlp_dim=cfg.mlp_dim, activations=cfg.mlp_activations,
-                  top_k=cfg.moe_top_k, capacity_factor=cfg.moe_capacity_factor, group_size=cfg.moe_group_size,
+                  top_k=cfg.moe_top_k, impl=cfg.moe_impl, capacity_factor=cfg.moe_capacity_factor, group_size=cfg.moe_group_size,
                   renormalize_top_k=cfg.moe_renormalize_top_k, use_bias=cfg.use_bias,
                   dropout_rate=cfg.dropout_rate, deterministic=deterministic, name=name, **kw)
 

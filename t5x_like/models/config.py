@@ -12,6 +12,7 @@ from typing import Optional
 import gin
 
 from t5x_like.errors import UserError
+from t5x_like.layers.positions import RopeScaling
 
 POSITION_EMBEDDINGS = ("relative", "rotary", "learned", "sinusoidal", "none")
 NORM_TYPES = ("rms", "layer")
@@ -19,6 +20,7 @@ NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "linear")
 REMAT_POLICIES = ("none", "full", "minimal", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+MOE_IMPLS = ("dropless", "capacity")
 
 
 class ConfigError(UserError):
@@ -47,6 +49,10 @@ class TransformerConfig:
     position_embedding: str = "relative"
     max_position_embeddings: int = 512
     rotary_theta: float = 10000.0
+    # Scaled rotary positions for long contexts (layers/positions.py `RopeScaling`), None: unscaled.
+    # gin: DecoderOnlyConfig.rope_scaling = {"rope_type": "yarn", "factor": 4.0,
+    #      "original_max_position_embeddings": 2048} (HF's rope_parameters names; HF import fills it).
+    rope_scaling: Optional[RopeScaling] = None
     relative_num_buckets: int = 32
     relative_max_distance: int = 128
     # T5 folds 1/sqrt(head_dim) into the query initialisation instead of scaling scores.
@@ -70,6 +76,10 @@ class TransformerConfig:
     num_experts: int = 0
     moe_every_n_layers: int = 1
     moe_top_k: int = 1
+    # "dropless": tokens sorted by expert through grouped matmuls, none dropped, experts split over
+    # the `expert` mesh axis by all-to-all (layers/moe_dropless.py). "capacity": GShard/Switch one-hot
+    # dispatch with moe_capacity_factor and moe_group_size (which only this implementation reads).
+    moe_impl: str = "dropless"
     # Slots per expert = ceil(factor x group tokens x k / experts); None never drops a token.
     moe_capacity_factor: Optional[float] = 1.25
     # Tokens routed together (capacity applies per group); None: one group per batch row.
@@ -106,6 +116,7 @@ class TransformerConfig:
             check(getattr(self, name) in DTYPES, f"{name}={getattr(self, name)!r}; use one of {DTYPES}")
         check(self.position_embedding != "rotary" or self.head_dim % 2 == 0,
               f"rotary positions need an even head_dim, got {self.head_dim}")
+        self._check_rope_scaling()
         check(0.0 <= self.dropout_rate < 1.0, f"dropout_rate={self.dropout_rate} must be in [0, 1)")
         check(self.causal_query_block >= 0, f"causal_query_block={self.causal_query_block} must be >= 0 (0: off)")
         check(self.sliding_window is None or self.sliding_window > 0,
@@ -124,11 +135,23 @@ class TransformerConfig:
             check(self.max_position_embeddings > 0,
                   f"max_position_embeddings={self.max_position_embeddings} must be positive")
 
+    def _check_rope_scaling(self):
+        """A dict (gin, `model_gin_text`) becomes a hashable `RopeScaling`."""
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
+        self._check(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling),
+                    f"rope_scaling={self.rope_scaling!r} must be None or a dict such as "
+                    '{"rope_type": "linear", "factor": 2.0}')
+        self._check(self.rope_scaling is None or self.position_embedding == "rotary",
+                    f"rope_scaling is set but position_embedding={self.position_embedding!r}; "
+                    "it applies to rotary positions only")
+
     def _check_moe(self):
         check = self._check
         check(self.num_experts >= 1, f"num_experts={self.num_experts} must be >= 0 (0: no MoE)")
         check(1 <= self.moe_top_k <= self.num_experts,
               f"moe_top_k={self.moe_top_k} must be between 1 and num_experts={self.num_experts}")
+        check(self.moe_impl in MOE_IMPLS, f"moe_impl={self.moe_impl!r}; use one of {MOE_IMPLS}")
         check(self.moe_every_n_layers >= 1, f"moe_every_n_layers={self.moe_every_n_layers} must be >= 1")
         check(self.moe_capacity_factor is None or self.moe_capacity_factor > 0,
               f"moe_capacity_factor={self.moe_capacity_factor} must be positive or None (no dropping)")

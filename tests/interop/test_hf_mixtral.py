@@ -44,6 +44,7 @@ def test_logits_match_without_dropping(checkpoint, assert_logits_match, relative
     model, variables = hf.load(path)
     c = model.config
     assert (c.num_experts, c.moe_top_k, c.moe_capacity_factor, c.moe_every_n_layers) == (4, 2, None, 1)
+    assert c.moe_impl == "dropless"
     assert "router" in variables["params"]["decoder"]["layers_1"]["mlp"]
     ids, mask = padded_batch(c.vocab_size, LENGTHS)
     ours, aux = our_logits(model, variables, ids)
@@ -53,7 +54,7 @@ def test_logits_match_without_dropping(checkpoint, assert_logits_match, relative
     assert_logits_match(ours, ref, mask)
 
     # A small capacity drops tokens (reported), and only then departs from HF.
-    small, small_vars = hf.load(path, moe_capacity_factor=0.5)
+    small, small_vars = hf.load(path, moe_impl="capacity", moe_capacity_factor=0.5)
     dropped_logits, dropped_aux = our_logits(small, small_vars, ids)
     assert dropped_aux["moe_dropped_fraction"] > 0.0
     assert relative_error(dropped_logits, ref, mask) > 1e-3

@@ -1,4 +1,6 @@
-"""MoE layer against a float64 numpy reference of the same routing, capacity and router losses."""
+"""MoE layer against a float64 numpy reference of the same routing, capacity and router losses;
+the dropless implementation (both grouped-matmul methods) against the same reference and against
+the capacity path with unlimited capacity, in outputs and gradients."""
 
 import jax
 import numpy as np
@@ -67,12 +69,17 @@ def _module(**kw):
     return MoeMlp(**kw)
 
 
+IMPLS = [dict(impl="capacity"), dict(impl="dropless", grouped_matmul="blocked"),
+         dict(impl="dropless", grouped_matmul="ragged")]
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda d: "-".join(d.values()))
 @pytest.mark.parametrize("top_k, renormalize, group_size, use_bias", [
     (1, True, None, False), (2, True, None, True), (2, False, None, False), (2, True, 6, False)])
-def test_no_dropping_equals_dense_reference(top_k, renormalize, group_size, use_bias):
+def test_no_dropping_equals_dense_reference(top_k, renormalize, group_size, use_bias, impl):
     x = np.random.default_rng(0).standard_normal((3, 10, D)).astype(np.float32)
     module = _module(top_k=top_k, capacity_factor=None, renormalize_top_k=renormalize, group_size=group_size,
-                     use_bias=use_bias)
+                     use_bias=use_bias, **impl)
     y, params, aux = _run(module, x, randomize_biases=use_bias)
     ref, dropped, ref_aux, ref_z = _reference(params, x, top_k, capacity=10 ** 9, renormalize=renormalize,
                                               group_size=group_size, use_bias=use_bias)
@@ -85,7 +92,7 @@ def test_no_dropping_equals_dense_reference(top_k, renormalize, group_size, use_
 @pytest.mark.parametrize("top_k, capacity_factor", [(1, 0.5), (2, 0.5), (2, 1.0)])
 def test_small_capacity_drops_and_reports_the_direct_count(top_k, capacity_factor):
     x = np.random.default_rng(2).standard_normal((4, 12, D)).astype(np.float32)
-    module = _module(top_k=top_k, capacity_factor=capacity_factor)
+    module = _module(top_k=top_k, capacity_factor=capacity_factor, impl="capacity")
     y, params, aux = _run(module, x, seed=3)
     capacity = expert_capacity(12, E, top_k, capacity_factor)
     ref, dropped, _, _ = _reference(params, x, top_k, capacity, renormalize=True)
@@ -108,12 +115,13 @@ def test_capacity_formula():
 def test_group_size_must_divide_tokens():
     x = np.zeros((2, 5, D), np.float32)
     with pytest.raises(ValueError, match="moe_group_size=4"):
-        _module(group_size=4).init(jax.random.key(0), x)
+        _module(group_size=4, impl="capacity").init(jax.random.key(0), x)
 
 
-def test_gradients_reach_router_and_experts():
+@pytest.mark.parametrize("impl", ["capacity", "dropless"])
+def test_gradients_reach_router_and_experts(impl):
     x = np.random.default_rng(0).standard_normal((2, 8, D)).astype(np.float32)
-    module = _module(top_k=1)
+    module = _module(top_k=1, impl=impl)
     variables = nn.unbox(module.init(jax.random.key(0), x))
 
     def loss(params):
@@ -125,11 +133,12 @@ def test_gradients_reach_router_and_experts():
         assert float(sum(np.abs(np.asarray(g)).sum() for g in jax.tree_util.tree_leaves(grads[name]))) > 0, name
 
 
-def test_bfloat16_matches_float32_with_several_groups():
+@pytest.mark.parametrize("impl", ["capacity", "dropless"])
+def test_bfloat16_matches_float32_with_several_groups(impl):
     """bf16 activations over several routing groups train (every dot has a CPU kernel for its
     dtypes) and stay within bf16 rounding of the float32 layer."""
     x = np.random.default_rng(0).standard_normal((2, 64, 32)).astype(np.float32)   # 2 groups of 64
-    f32, bf16 = _module(top_k=2), _module(top_k=2, dtype=jax.numpy.bfloat16)
+    f32, bf16 = _module(top_k=2, impl=impl), _module(top_k=2, dtype=jax.numpy.bfloat16, impl=impl)
     params = nn.unbox(f32.init(jax.random.key(0), x))["params"]
 
     def loss(module, p, inputs):   # inputs as an argument: a constant would fold the dispatch away
@@ -139,3 +148,59 @@ def test_bfloat16_matches_float32_with_several_groups():
                               for m in (f32, bf16))
     np.testing.assert_allclose(float(l16), float(l32), rtol=3e-2)
     np.testing.assert_allclose(np.asarray(g16["wo"]), np.asarray(g32["wo"]), rtol=0.1, atol=0.1 * np.abs(g32["wo"]).max())
+
+
+@pytest.mark.parametrize("top_k, renormalize, use_bias, method, activations", [
+    (1, True, False, "blocked", ("relu",)), (2, True, True, "blocked", ("silu", "linear")),
+    (2, False, False, "blocked", ("gelu", "linear")), (2, True, True, "ragged", ("silu", "linear"))])
+def test_dropless_gradients_equal_capacity_path_with_unlimited_capacity(top_k, renormalize, use_bias, method,
+                                                                         activations):
+    """Same routing, same router losses: every parameter's and the input's gradient agree. 160
+    tokens in blocks of 128 rows: several blocks per expert, some of them partly padding."""
+    x = np.random.default_rng(4).standard_normal((4, 40, D)).astype(np.float32)
+    capacity = _module(top_k=top_k, renormalize_top_k=renormalize, use_bias=use_bias, activations=activations,
+                       impl="capacity", capacity_factor=None)
+    dropless = capacity.clone(impl="dropless", grouped_matmul=method)
+    params = nn.unbox(capacity.init(jax.random.key(1), x))["params"]
+    rng = np.random.default_rng(5)
+    params = jax.tree_util.tree_map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32), params)
+
+    def grads(module):
+        def loss(p, inputs):
+            y, state = module.apply({"params": p}, inputs, mutable=["intermediates"])
+            aux = collect_moe_aux(state["intermediates"])
+            return 0.5 * (y ** 2).sum() + aux["moe_aux_loss"] + aux["moe_z_loss"]
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+    expected, got = grads(capacity), grads(dropless)
+    for (path, g), other in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree_util.tree_leaves(got)):
+        g = np.asarray(g)
+        assert np.abs(g).max() > 0, path
+        np.testing.assert_allclose(np.asarray(other), g, rtol=1e-5, atol=1e-5 * np.abs(g).max(), err_msg=str(path))
+
+
+def test_dropless_reports_no_drops_and_exact_expert_usage():
+    x = np.random.default_rng(6).standard_normal((2, 24, D)).astype(np.float32)
+    module = _module(top_k=2, impl="dropless")
+    _, params, aux = _run(module, x)
+    logits = np.asarray(x, np.float64).reshape(-1, D) @ params["router"]["kernel"]
+    counts = np.bincount(np.argsort(-logits, axis=-1)[:, :2].ravel(), minlength=E) / (48 * 2)
+    assert float(aux["moe_dropped_fraction"]) == 0.0
+    assert float(aux["moe_expert_usage_max"]) == pytest.approx(counts.max(), abs=1e-7)
+    assert float(aux["moe_expert_usage_min"]) == pytest.approx(counts.min(), abs=1e-7)
+
+
+@pytest.mark.parametrize("method", ["blocked", "ragged"])
+def test_dropless_expert_dropout_trains_and_is_off_when_deterministic(method):
+    x = np.random.default_rng(7).standard_normal((2, 16, D)).astype(np.float32)
+    train = _module(top_k=2, impl="dropless", grouped_matmul=method, dropout_rate=0.5, deterministic=False)
+    params = nn.unbox(train.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x))["params"]
+    rngs = {"dropout": jax.random.key(2)}
+    loss = jax.jit(jax.value_and_grad(lambda p: (train.apply({"params": p}, x, rngs=rngs) ** 2).sum()))
+    (value, grads), (again, _) = loss(params), loss(params)
+    assert float(value) == float(again) and np.isfinite(float(value))   # the mask comes from the rng
+    assert float(np.abs(np.asarray(grads["wi_0"])).sum()) > 0
+    eval_y = train.clone(deterministic=True).apply({"params": params}, x)
+    ref_y = train.clone(deterministic=True, dropout_rate=0.0).apply({"params": params}, x)
+    np.testing.assert_array_equal(np.asarray(eval_y), np.asarray(ref_y))
+    assert float(value) != pytest.approx(float((np.asarray(ref_y) ** 2).sum()), rel=1e-3)

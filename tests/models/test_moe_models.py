@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 
+from t5x_like.errors import unwrap_gin
 from t5x_like.interop.hf import stack_layers
 from t5x_like.models.config import ConfigError
 from t5x_like.models.upcycling import UpcyclingError, upcycle
@@ -68,10 +69,29 @@ def test_scanned_moe_equals_unscanned(tiny):
 
 @pytest.mark.parametrize("bad, match", [(dict(moe_top_k=5), "moe_top_k=5"), (dict(moe_capacity_factor=0.0), "capacity"),
                                         (dict(moe_every_n_layers=0), "moe_every_n_layers"),
-                                        (dict(moe_group_size=0), "moe_group_size")])
+                                        (dict(moe_group_size=0), "moe_group_size"),
+                                        (dict(moe_impl="megablox"), "moe_impl='megablox'")])
 def test_bad_moe_config_is_refused(tiny, bad, match):
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError, match=match) as err:
         tiny.config("llama", num_experts=4, **bad)
+    assert "\n" not in str(unwrap_gin(err.value))  # one line for the CLI (which unwraps gin's proxy)
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_dropless_model_equals_capacity_model_with_unlimited_capacity(kind, tiny):
+    """Dropless is the default; with nothing dropped both implementations give the same logits
+    and router losses (encoder and decoder stacks, gated and plain MLPs)."""
+    dropless = tiny.model(kind, **MOE)
+    assert dropless.config.moe_impl == "dropless"
+    capacity = tiny.model(dropless.config.replace(moe_impl="capacity", moe_capacity_factor=None))
+    variables = tiny.params(dropless, seed=2)
+    rng = np.random.default_rng(1)
+    batch = {k: tiny.tokens(rng, (2, 8)) for k in dropless.required_features}
+    logits, aux = jax.jit(dropless.compute_logits_and_aux)(variables, batch)
+    c_logits, c_aux = jax.jit(capacity.compute_logits_and_aux)(variables, batch)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(c_logits), rtol=1e-5, atol=1e-5)
+    for k in aux:
+        np.testing.assert_allclose(float(aux[k]), float(c_aux[k]), rtol=1e-5, atol=1e-7, err_msg=k)
 
 
 def test_dense_models_have_no_router_aux(tiny):
