@@ -24,6 +24,11 @@ Formulas (TRL's `DPOTrainer`, v1.x `_compute_loss`; z = (pi_c - pi_r) - (ref_c -
 - ipo: (z' - 1 / (2 beta))^2 where z' uses each row's log-ratio divided by its completion length
   (TRL's length-normalised IPO); rewards and logps stay summed, as TRL logs them;
 - hinge: relu(1 - beta z).
+With `rpo_alpha` > 0 (RPO, Pang et al. 2024; TRL's `rpo_alpha`) each pair adds rpo_alpha x the
+chosen completion's negative log-likelihood per token (logged as `nll_loss`), which keeps the
+chosen completions likely while the pair's margin grows. TRL averages that NLL over all chosen tokens
+of the batch; here it is per pair (the same when completions have equal lengths), so microbatches
+add up exactly.
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ class DPOLoss:
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
     reference: str = "adapters_off"
+    rpo_alpha: float = 0.0
     # A (chosen, rejected) pair is two consecutive rows: microbatches keep pairs whole (steps.py).
     rows_per_example = 2
 
@@ -114,6 +120,8 @@ class DPOLoss:
             raise PreferenceError(f"DPOLoss.beta={self.beta} must be positive (TRL's default is 0.1)")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise PreferenceError(f"DPOLoss.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if not self.rpo_alpha >= 0:
+            raise PreferenceError(f"DPOLoss.rpo_alpha={self.rpo_alpha} must be >= 0 (0: plain DPO; the RPO paper uses 1)")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise PreferenceError(f"DPOLoss.label_smoothing applies to loss_type='sigmoid' only; set it to 0 for "
                                   f"{self.loss_type!r}")
@@ -160,6 +168,9 @@ class DPOLoss:
             per_pair = (z_avg - 1 / (2 * beta)) ** 2
         else:  # hinge
             per_pair = jax.nn.relu(1 - beta * z)
+        nll = -pi_c / jnp.maximum(len_c, 1.0)
+        if self.rpo_alpha:
+            per_pair = per_pair + self.rpo_alpha * nll
         chosen_rewards = jax.lax.stop_gradient(beta * chosen_ratio)
         rejected_rewards = jax.lax.stop_gradient(beta * rejected_ratio)
         total = lambda x: jnp.sum(valid * x)  # noqa: E731
@@ -173,4 +184,6 @@ class DPOLoss:
             "logps/chosen": total(jax.lax.stop_gradient(pi_c)),
             "logps/rejected": total(jax.lax.stop_gradient(pi_r)),
         }
+        if self.rpo_alpha:
+            sums["nll_loss"] = total(jax.lax.stop_gradient(nll))
         return model.fold_aux_losses(sums, aux)

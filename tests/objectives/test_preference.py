@@ -63,7 +63,7 @@ def _torch_logps(model, ids, completion):
     return (per_token * torch.as_tensor(completion[:, 1:], dtype=per_token.dtype)).sum(1)
 
 
-def _trl_loss(logps, ref_logps, completion, beta, loss_type, label_smoothing):
+def _trl_loss(logps, ref_logps, completion, beta, loss_type, label_smoothing, rpo_alpha=0.0):
     chosen_ratio, rejected_ratio = logps[0::2] - ref_logps[0::2], logps[1::2] - ref_logps[1::2]
     z = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
@@ -75,7 +75,12 @@ def _trl_loss(logps, ref_logps, completion, beta, loss_type, label_smoothing):
     else:
         per_pair = torch.relu(1 - beta * z)
     chosen_rewards, rejected_rewards = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
-    return per_pair.mean(), {
+    extra = {}
+    if rpo_alpha:  # TRL's rpo_alpha x the chosen completions' token-mean NLL (per pair: lengths differ here)
+        nll = -logps[0::2] / torch.as_tensor(completion[0::2, 1:].sum(1), dtype=logps.dtype)
+        per_pair = per_pair + rpo_alpha * nll
+        extra["nll_loss"] = nll.detach().mean()
+    return per_pair.mean(), {**extra,
         "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
@@ -100,21 +105,22 @@ def hf_pair(tmp_path_factory):
     return model, variables["params"], policy, ref_logps
 
 
-@pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0),
-                                                       ("hinge", 0.0)])
-def test_matches_trl_formula_on_transformers_logps(hf_pair, loss_type, label_smoothing):
+@pytest.mark.parametrize("loss_type,label_smoothing,rpo_alpha", [
+    ("sigmoid", 0.0, 0.0), ("sigmoid", 0.2, 0.0), ("ipo", 0.0, 0.0), ("hinge", 0.0, 0.0), ("sigmoid", 0.0, 1.0)])
+def test_matches_trl_formula_on_transformers_logps(hf_pair, loss_type, label_smoothing, rpo_alpha):
     model, params, policy, ref_logps = hf_pair
     beta = 0.5 if loss_type == "hinge" else 0.1  # hinge: beta z well inside (-inf, 1) so the gradient is not zero
     ids, completion = _rows()
     policy.zero_grad()
     expected, metrics = _trl_loss(_torch_logps(policy, ids, completion), ref_logps, completion, beta, loss_type,
-                                  label_smoothing)
+                                  label_smoothing, rpo_alpha)
     expected.backward()
     torch_grad_norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in policy.parameters()
                                            if p.grad is not None)))
 
     batch = {**_our_batch(ids, completion), "reference_logps": ref_logps.numpy().astype(np.float32)}
-    loss = DPOLoss(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reference="features")
+    loss = DPOLoss(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reference="features",
+                   rpo_alpha=rpo_alpha)
 
     def mean_loss(p):
         sums = loss(model, p, batch)
