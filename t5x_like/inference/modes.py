@@ -10,8 +10,9 @@ as transformers feeds GPT-2 prompts); an int or None forces one or none. EOS is 
 own (1 for this project's and T5's, 2 for Llama's): it ends generation and the scored targets
 (`target_eos`). Encoder-decoder inputs end with EOS (id 1), as T5 trains them.
 
-JSONL records: infer reads "input" (or "prompt" / "text"); score reads "input" and "target".
-A plain-text line is one prompt (infer) or "input<TAB>target" (score).
+JSONL records: infer reads "input" (or "prompt" / "text") and optional "max_new_tokens" and "stop";
+score reads "input" and "target". A plain-text line is one prompt (infer) or "input<TAB>target"
+(score). infer serves prompts in length buckets and streams results in input order (serving.py).
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ from typing import Iterator, Optional
 
 import gin
 import jax
-import numpy as np
 
 from t5x_like import evaluation
-from t5x_like.inference import decoding
+from t5x_like.inference import decoding, serving
 from t5x_like.errors import UserError
 
 EOS = 1
@@ -57,6 +57,7 @@ def read_records(path: str, need_target: bool) -> Iterator[dict]:
                 if text is None:
                     raise InferenceError(f"{path}:{n}: a JSONL record needs an 'input' field")
                 out = {"input": text}
+                out.update({k: rec[k] for k in ("max_new_tokens", "stop") if k in rec and not need_target})
                 if need_target:
                     if "target" not in rec:
                         raise InferenceError(f"{path}:{n}: score needs a 'target' field")
@@ -68,6 +69,7 @@ def read_records(path: str, need_target: bool) -> Iterator[dict]:
                 out = {"input": inp, "target": tgt}
             else:
                 out = {"input": line}
+            out["where"] = f"{path}:{n}"
             yield out
     finally:
         if stream is not sys.stdin:
@@ -110,37 +112,45 @@ def infer(input_path: str, output_path: Optional[str], *, model=gin.REQUIRED, ch
           vocabulary: str = "spm", step: Optional[int] = None, batch_size: int = 8, max_new_tokens: int = 32,
           method: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
           num_beams: int = 4, length_penalty: float = 1.0, early_stopping=False, bos_id="auto",
-          seed: int = 0, variables=None) -> int:
-    """Decode every prompt of input_path; one JSONL line {"input", "output", "tokens", "score"} each."""
+          seed: int = 0, min_bucket: int = 16, max_pending: Optional[int] = None, variables=None) -> int:
+    """Decode every prompt of input_path in length-bucketed batches (inference/serving.py); one JSONL
+    line {"input", "output", "tokens", "score", "finish_reason"} each, streamed in input order.
+    JSONL requests may set their own "max_new_tokens" and "stop" (a string or a list)."""
     vocab = load_vocabulary(vocabulary)
     bos_id, eos_id = resolve_bos_id(vocab, bos_id), eos_id_of(vocab)
     variables = _restore(model, checkpoint_dir, step) if variables is None else variables
-    records = list(read_records(input_path, need_target=False))
-    rng = jax.random.key(seed)
+    rng = [jax.random.key(seed)]
+
+    def requests():
+        for i, r in enumerate(read_records(input_path, need_target=False)):
+            mnt, stop = serving.request_options(r, r["where"], max_new_tokens)
+            ids = _input_ids(model, vocab, r["input"], bos_id)
+            if not ids:
+                raise InferenceError(f"{r['where']}: an empty prompt with bos_id=None has nothing to start from; "
+                                     "set bos_id")
+            yield serving.Request(i, r["where"], {"input": r["input"]}, ids, mnt, stop)
+
+    def decode(prompts, lengths, new):
+        rng[0], sub = jax.random.split(rng[0])
+        res = decoding.generate(model, variables, prompts, prompt_lengths=lengths, max_new_tokens=new,
+                                method=method, temperature=temperature, top_k=top_k, top_p=top_p,
+                                num_beams=num_beams, length_penalty=length_penalty,
+                                early_stopping=early_stopping, eos_id=eos_id, rng=sub)
+        return res.tokens, res.lengths, res.scores
+
     out = _writer(output_path)
+
+    def write(record):
+        out.write(json.dumps(record) + "\n")
+        out.flush()
+
     try:
-        for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            ids = [_input_ids(model, vocab, r["input"], bos_id) for r in chunk]
-            if any(len(x) == 0 for x in ids):
-                raise InferenceError("an empty prompt with bos_id=None has nothing to start from; set bos_id")
-            width = max(len(x) for x in ids)
-            prompts = np.zeros((len(ids), width), np.int32)
-            for i, x in enumerate(ids):
-                prompts[i, :len(x)] = x
-            rng, sub = jax.random.split(rng)
-            res = decoding.generate(model, variables, prompts, prompt_lengths=[len(x) for x in ids],
-                                    max_new_tokens=max_new_tokens, method=method, temperature=temperature,
-                                    top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
-                                    early_stopping=early_stopping, eos_id=eos_id, rng=sub)
-            for r, toks, n, s in zip(chunk, res.tokens, res.lengths, res.scores):
-                toks = [int(t) for t in toks[:n] if int(t) != eos_id]
-                out.write(json.dumps({"input": r["input"], "output": vocab.decode(toks), "tokens": toks,
-                                      "score": float(s)}) + "\n")
+        return serving.serve(requests(), decode, write, model=model, batch_size=batch_size, eos_id=eos_id,
+                             decode_text=vocab.decode, min_width=min_bucket, exact_new=method == "beam",
+                             max_pending=max_pending)
     finally:
         if out is not sys.stdout:
             out.close()
-    return len(records)
 
 
 @gin.configurable(denylist=["input_path", "output_path"])

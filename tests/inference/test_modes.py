@@ -46,6 +46,16 @@ def test_infer_writes_jsonl_equal_to_generate(imported):
     prompt = np.array([[0] + [b + 3 for b in "hello world".encode()]])  # BOS 0, byte ids = byte + 3
     direct = decoding.generate(model, variables, prompt, max_new_tokens=5)
     assert rows[0]["tokens"] == [int(t) for t in direct.tokens[0][:direct.lengths[0]] if t != 1]
+    assert rows[0]["finish_reason"] in ("stop", "length")
+
+
+def test_infer_bad_request_is_one_error_line(imported, capsys):
+    root, _, _ = imported
+    prompts = root / "bad.jsonl"
+    prompts.write_text('{"input": "ok"}\n{"input": "b", "max_new_tokens": -2}\n')
+    assert main.main(["infer", *gin_args(root, "infer"), f"--input={prompts}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{prompts}:2: max_new_tokens=-2 must be a positive integer" in err
 
 
 def test_score_writes_log_likelihoods(imported):
