@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from einops import rearrange
 
-from t5x_like.layers import kv_cache
+from t5x_like.layers import attention_kernels, kv_cache
 from t5x_like.layers.dense import DenseGeneral
 from t5x_like.layers.positions import apply_rotary
 
@@ -86,10 +86,15 @@ class MultiHeadAttention(nn.Module):
     # with a full-length input allocates the cache. `cross_cache`: see `_cross_kv`.
     decode: bool = False
     cross_cache: bool = False
-    sliding_window: Optional[int] = None  # used by the cache mask only; full-sequence masks carry it
+    sliding_window: Optional[int] = None  # the cache mask's; full-sequence masks carry it (kernels skip by it)
     # The caller's mask hides every key after its query: attend in query blocks of this size, each
     # to the keys up to its last query (0: off). Skipped blocks are all masked, so results match.
     causal_query_block: int = 0
+    # Full-sequence attention: "xla" (the paths here), "dot_product", "pallas" or "auto" (per backend),
+    # see attention_kernels.py. `causal`: the caller's mask is causal self-attention (no prefix-LM).
+    # The KV-cache path is always XLA.
+    attention_impl: str = "xla"
+    causal: bool = False
 
     def _cross_kv(self, dense, inputs_kv):
         """Cross-attention keys / values of `inputs_kv`, or (inputs_kv None) the ones a `cross_cache`
@@ -169,6 +174,13 @@ class MultiHeadAttention(nn.Module):
 
     def _attention(self, q, k, v, bias, mask, groups, dropout):
         """Grouped queries against full-sequence keys / values under the caller's mask."""
+        impl = attention_kernels.resolve(self.attention_impl, causal=self.causal, length=q.shape[3],
+                                         xla_only=bias is not None or dropout is not None, dtype=q.dtype)
+        window = self.sliding_window if self.causal else None
+        if impl == "dot_product":
+            return attention_kernels.dot_product(q, k, v, mask, self.causal, window, self.dtype)
+        if impl == "pallas":
+            return attention_kernels.splash(q, k, v, mask, window, self.dtype)
         k = rearrange(k, "b s k d -> b k s d")
         v = rearrange(v, "b s k d -> b k s d")
         if bias is not None:

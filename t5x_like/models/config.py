@@ -12,6 +12,7 @@ from typing import Optional
 import gin
 
 from t5x_like.errors import UserError
+from t5x_like.layers.attention_kernels import IMPLS as ATTENTION_IMPLS
 from t5x_like.layers.positions import RopeScaling
 
 POSITION_EMBEDDINGS = ("relative", "rotary", "learned", "sinusoidal", "none")
@@ -62,6 +63,11 @@ class TransformerConfig:
     # the keys up to its last query only: about half the score FLOPs and memory at long lengths
     # (0 or a length it does not divide: one full block; at most 8 blocks, larger ones for long lengths).
     causal_query_block: int = 64
+    # Full-sequence attention kernel (layers/attention_kernels.py): "xla" (the blocked path above),
+    # "dot_product" (jax.nn.dot_product_attention: cuDNN flash attention on GPU), "pallas" (splash
+    # attention on TPU) or "auto" (per backend: cpu xla, gpu dot_product in bf16/f16, tpu pallas).
+    # Dropout on the weights and the relative bias need "xla"; "auto" takes it for them. Decoding is XLA.
+    attention_impl: str = "auto"
     tie_embeddings: bool = True
     # T5 v1.0 multiplies decoder outputs by d_model**-0.5 before the tied projection.
     scale_tied_logits: bool = False
@@ -119,6 +125,7 @@ class TransformerConfig:
         self._check_rope_scaling()
         check(0.0 <= self.dropout_rate < 1.0, f"dropout_rate={self.dropout_rate} must be in [0, 1)")
         check(self.causal_query_block >= 0, f"causal_query_block={self.causal_query_block} must be >= 0 (0: off)")
+        self._check_attention_impl()
         check(self.sliding_window is None or self.sliding_window > 0,
               f"sliding_window={self.sliding_window} must be positive or None")
         if self.position_embedding == "relative":
@@ -134,6 +141,15 @@ class TransformerConfig:
         if self.position_embedding == "learned":
             check(self.max_position_embeddings > 0,
                   f"max_position_embeddings={self.max_position_embeddings} must be positive")
+
+    def _check_attention_impl(self):
+        self._check(self.attention_impl in ATTENTION_IMPLS,
+                    f"attention_impl={self.attention_impl!r}; use one of {ATTENTION_IMPLS}")
+        for needs_xla, what in ((self.dropout_rate > 0, f"dropout_rate={self.dropout_rate}"),
+                                (self.position_embedding == "relative", "position_embedding='relative'")):
+            self._check(not needs_xla or self.attention_impl in ("auto", "xla"),
+                        f"attention_impl={self.attention_impl!r} cannot apply {what} (only the xla path "
+                        "does); set attention_impl='auto' or 'xla'")
 
     def _check_rope_scaling(self):
         """A dict (gin, `model_gin_text`) becomes a hashable `RopeScaling`."""

@@ -59,8 +59,9 @@ class TransformerLayer(nn.Module):
                 rotary_theta=cfg.rotary_theta if rotary else None, dropout_rate=cfg.dropout_rate,
                 rope_scaling=cfg.rope_scaling if rotary else None,
                 deterministic=self.deterministic, dtype=dtype, param_dtype=param_dtype, decode=decode,
-                sliding_window=cfg.sliding_window if decode else None,
-                causal_query_block=cfg.causal_query_block if causal else 0, cross_cache=cross_cache, name=name)
+                sliding_window=cfg.sliding_window if decode or causal else None, causal=causal,
+                causal_query_block=cfg.causal_query_block if causal else 0, cross_cache=cross_cache,
+                attention_impl=cfg.attention_impl, name=name)
 
         def residual(x, sublayer, norm_name):
             h = sublayer(norm(norm_name)(x) if pre else x)
