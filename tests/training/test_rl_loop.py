@@ -223,3 +223,23 @@ def test_prompts_for_step_is_a_function_of_the_step():
     first = [r["prompt"] for s in (1, 2, 3) for r in verifiable.prompts_for_step(records, s, 2, seed=3)]
     assert sorted(first[:5]) == [str(i) for i in range(5)]  # one pass visits every prompt once
     assert verifiable.prompts_for_step(records, 2, 2, seed=3) == verifiable.prompts_for_step(records, 2, 2, seed=3)
+
+
+def test_reward_model_reward_scores_prompt_plus_completion(tmp_path):
+    """`reward_model_reward` restores a RewardModel run and scores each prompt + completion (EOS
+    included, as its preference pairs were) where the model reads the last completion token."""
+    from t5x_like.inference.rl_rewards import reward_model_reward
+    from t5x_like.models.reward_model import RewardModel, RewardModelConfig
+
+    model = RewardModel(RewardModelConfig(**TINY))
+    params = model.init_variables(jax.random.key(5))["params"]
+    params["reward_head"]["kernel"] = params["reward_head"]["kernel"] + 0.5  # a head that is not ~0
+    checkpointing.save_params(str(tmp_path / "rm"), 0, params)
+    reward = reward_model_reward(model=model, checkpoint=str(tmp_path / "rm"))
+    prompts, completions = [[5, 6, 7], [5, 6, 7], [9]], [[8, 9, 1], [40, 41, 42, 1], [3, 1]]
+    got = reward([{}] * 3, ["p"] * 3, ["c"] * 3, prompts, completions)
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        alone = np.asarray(p + c[:-1], np.int32)[None]  # the row up to its last real token, no weights
+        expected = float(model.rewards(params, {"decoder_input_tokens": alone})[0])
+        np.testing.assert_allclose(got[row], expected, rtol=1e-5, atol=1e-5)
+    assert abs(got[0] - got[1]) > 1e-4
