@@ -18,6 +18,7 @@ score reads "input" and "target". A plain-text line is one prompt (infer) or "in
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Iterator, Optional
 
@@ -25,8 +26,10 @@ import gin
 import jax
 
 from t5x_like import evaluation
-from t5x_like.inference import decoding, serving
+from t5x_like.inference import decoding, serving, speculative
 from t5x_like.errors import UserError
+
+log = logging.getLogger(__name__)
 
 EOS = 1
 
@@ -112,14 +115,22 @@ def infer(input_path: str, output_path: Optional[str], *, model=gin.REQUIRED, ch
           vocabulary: str = "spm", step: Optional[int] = None, batch_size: int = 8, max_new_tokens: int = 32,
           method: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
           num_beams: int = 4, length_penalty: float = 1.0, early_stopping=False, bos_id="auto",
-          seed: int = 0, min_bucket: int = 16, max_pending: Optional[int] = None, variables=None) -> int:
+          seed: int = 0, min_bucket: int = 16, max_pending: Optional[int] = None, draft=None, variables=None,
+          draft_variables=None) -> int:
     """Decode every prompt of input_path in length-bucketed batches (inference/serving.py); one JSONL
     line {"input", "output", "tokens", "score", "finish_reason"} each, streamed in input order.
-    JSONL requests may set their own "max_new_tokens" and "stop" (a string or a list)."""
+    JSONL requests may set their own "max_new_tokens" and "stop" (a string or a list). `draft`
+    (`@SpeculativeDraft()`, inference/speculative.py): greedy / sampled decoding with speculative
+    decoding from that smaller model (same outputs for greedy; the target's distribution sampled)."""
     vocab = load_vocabulary(vocabulary)
     bos_id, eos_id = resolve_bos_id(vocab, bos_id), eos_id_of(vocab)
     variables = _restore(model, checkpoint_dir, step) if variables is None else variables
     rng = [jax.random.key(seed)]
+    if draft is not None:
+        if method == "beam":
+            raise InferenceError("infer.draft (speculative decoding) works with method 'greedy' or 'sample', "
+                                 "not 'beam'; unset infer.draft for beam search")
+        draft_model, draft_variables = draft.load(model, draft_variables)
 
     def requests():
         for i, r in enumerate(read_records(input_path, need_target=False)):
@@ -132,6 +143,13 @@ def infer(input_path: str, output_path: Optional[str], *, model=gin.REQUIRED, ch
 
     def decode(prompts, lengths, new):
         rng[0], sub = jax.random.split(rng[0])
+        if draft is not None:
+            res = speculative.speculative_generate(
+                model, variables, draft_model, draft_variables, prompts, prompt_lengths=lengths, gamma=draft.gamma,
+                max_new_tokens=new, method=method, temperature=temperature, top_k=top_k, top_p=top_p,
+                eos_id=eos_id, rng=sub)
+            draft.record(res)
+            return res.tokens, res.lengths, res.scores
         res = decoding.generate(model, variables, prompts, prompt_lengths=lengths, max_new_tokens=new,
                                 method=method, temperature=temperature, top_k=top_k, top_p=top_p,
                                 num_beams=num_beams, length_penalty=length_penalty,
@@ -145,9 +163,12 @@ def infer(input_path: str, output_path: Optional[str], *, model=gin.REQUIRED, ch
         out.flush()
 
     try:
-        return serving.serve(requests(), decode, write, model=model, batch_size=batch_size, eos_id=eos_id,
-                             decode_text=vocab.decode, min_width=min_bucket, exact_new=method == "beam",
-                             max_pending=max_pending)
+        count = serving.serve(requests(), decode, write, model=model, batch_size=batch_size, eos_id=eos_id,
+                              decode_text=vocab.decode, min_width=min_bucket, exact_new=method == "beam",
+                              max_pending=max_pending)
+        if draft is not None:
+            log.info("speculative decoding: %.1f%% of the draft's tokens accepted", 100 * draft.acceptance_rate)
+        return count
     finally:
         if out is not sys.stdout:
             out.close()

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Optional
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,3 +210,41 @@ def speculative_generate(target_model: BaseModel, target_variables, draft_model:
     return SpeculativeResult(np.asarray(tokens), np.asarray(lengths), np.asarray(scores),
                              acceptance_rate=kept / max(1, gamma * passes),
                              tokens_per_pass=(kept + passes) / max(1, passes), target_passes=passes)
+
+
+@gin.configurable
+class SpeculativeDraft:
+    """The draft the `infer` mode decodes with (gin: `infer.draft = @SpeculativeDraft()`): the target's
+    own config with `num_layers` layers (what gin/runs/draft.gin trains), restored from `checkpoint`.
+    Greedy and sampled requests then go through `speculative_generate`; the acceptance rate is logged."""
+
+    def __init__(self, checkpoint: str = gin.REQUIRED, num_layers: int = 1, gamma: int = 4,
+                 step: Optional[int] = None):
+        self.checkpoint, self.num_layers, self.gamma, self.step = checkpoint, num_layers, gamma, step
+        self.accepted = self.proposed = 0
+
+    def model_for(self, target: BaseModel) -> BaseModel:
+        """The draft model: the target's class and config, with `num_layers` layers."""
+        if not hasattr(target.config, "num_layers"):
+            raise DecodingError(f"SpeculativeDraft builds a draft from a decoder-only target's config; "
+                                f"{type(target.config).__name__} has no num_layers")
+        return type(target)(dataclasses.replace(target.config, num_layers=self.num_layers))
+
+    def load(self, target: BaseModel, variables=None):
+        """(draft model, its variables): restored from `checkpoint` unless `variables` are given."""
+        from t5x_like.training.checkpointing import restore_model_params
+
+        model = self.model_for(target)
+        if variables is None:
+            variables = {"params": restore_model_params(self.checkpoint, model, step=self.step)}
+        return model, variables
+
+    def record(self, result: "SpeculativeResult") -> None:
+        """Accumulate one batch's acceptance counts (gamma proposals per target pass)."""
+        proposed = result.target_passes * self.gamma
+        self.proposed += proposed
+        self.accepted += result.acceptance_rate * proposed
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0

@@ -18,6 +18,8 @@ COMMON = dict(vocab_size=384, d_model=32, num_heads=4, head_dim=8, mlp_dim=64, n
 CONFIGS = {
     "rotary": DecoderOnlyConfig(position_embedding="rotary", num_kv_heads=2, mlp_activations=("silu", "linear"),
                                 tie_embeddings=False, **COMMON),
+    "rotary3": DecoderOnlyConfig(position_embedding="rotary", num_kv_heads=2, mlp_activations=("silu", "linear"),
+                                 tie_embeddings=False, **{**COMMON, "num_layers": 3}),
     "learned": DecoderOnlyConfig(position_embedding="learned", max_position_embeddings=80, norm_type="layer",
                                  use_bias=True, **COMMON),
 }
@@ -152,3 +154,23 @@ def test_bad_request_is_one_line_naming_it(tmp_path, line, why):
         run_infer(tmp_path, ["fine", line], name="learned")
     msg = str(err.value).splitlines()[0]  # gin appends the configurable's name on later lines
     assert "\n" not in msg and f"{tmp_path / 'in.jsonl'}:2: " in msg and why in msg
+
+
+def test_infer_with_a_speculative_draft_gives_the_same_greedy_outputs(tmp_path):
+    """infer.draft = SpeculativeDraft: a 1-layer draft of a 3-layer target (random weights, so it is
+    often rejected) changes nothing in the greedy outputs, and its acceptance rate is recorded."""
+    from t5x_like.inference.speculative import SpeculativeDraft
+
+    target, _ = random_model("rotary3")
+    draft = SpeculativeDraft(checkpoint="unused", num_layers=1, gamma=3)
+    draft_model, _ = random_model("rotary")
+    assert draft.model_for(target).config == draft_model.config
+    lines = [json.dumps({"input": t, "max_new_tokens": 5}) for t in TEXTS[:6]]
+    plain = run_infer(tmp_path, lines, name="rotary3")
+    spec = run_infer(tmp_path, lines, name="rotary3", draft=draft, draft_variables=random_model("rotary")[1])
+    assert [r["tokens"] for r in spec] == [r["tokens"] for r in plain]
+    assert [r["output"] for r in spec] == [r["output"] for r in plain]
+    assert draft.proposed > 0 and 0.0 <= draft.acceptance_rate < 1.0
+    with pytest.raises(UserError, match="not 'beam'"):
+        run_infer(tmp_path, lines[:1], name="rotary3", draft=draft, method="beam",
+                  draft_variables=random_model("rotary")[1])
