@@ -50,6 +50,7 @@ def _run(root, task, model, name, mesh_fn):
     return {r["step"]: r for r in rows if r["split"] == "train"}, results
 
 
+@pytest.mark.slow  # two 3-step runs with compiles: ~30 s
 def test_full_dpo_starts_at_the_reference_and_is_the_same_on_8_devices(setup):
     root, task, model = setup
     one, results = _run(root, task, model, "one", lambda: partitioning.create_mesh(devices=jax.devices()[:1]))
