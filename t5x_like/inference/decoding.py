@@ -286,6 +286,26 @@ def _generate(params, prompts, lengths, rng, *, model, max_new_tokens, method, t
     return tokens, gen_lengths, scores
 
 
+def checked_prompts(models, prompts, prompt_lengths, max_new_tokens: int):
+    """(prompts, prompt_lengths) as int32 arrays (lengths default to the full width), checked against
+    each of `models`: shape, maximum length and the model's own `check_prompts`."""
+    prompts = np.asarray(prompts, np.int32)
+    if prompts.ndim != 2 or prompts.shape[1] < 1:
+        raise DecodingError(f"prompts must be [batch, length >= 1], got shape {prompts.shape}")
+    if prompt_lengths is None:
+        prompt_lengths = np.full((prompts.shape[0],), prompts.shape[1], np.int32)
+    prompt_lengths = np.asarray(prompt_lengths, np.int32)
+    for model in models:
+        limit = model.max_length()
+        if limit is not None and int(prompt_lengths.max()) > limit:
+            raise DecodingError(f"a prompt of {int(prompt_lengths.max())} tokens is longer than the model's maximum "
+                                f"length {limit}; shorten it to at most {limit} tokens (minus max_new_tokens)")
+        problem = model.check_prompts(prompts, prompt_lengths, max_new_tokens)
+        if problem:
+            raise DecodingError(problem)
+    return prompts, prompt_lengths
+
+
 def generate(model: BaseModel, variables, prompts, *, prompt_lengths=None, max_new_tokens: int = 32,
              method: str = "greedy", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              num_beams: int = 4, length_penalty: float = 1.0,
@@ -314,22 +334,10 @@ def generate(model: BaseModel, variables, prompts, *, prompt_lengths=None, max_n
         raise DecodingError(f"kv_cache_dtype={kv_cache_dtype!r}; use one of {KV_CACHE_DTYPES}")
     if early_stopping not in (True, False, "never"):
         raise DecodingError(f"early_stopping={early_stopping!r}; use True, False or 'never'")
-    prompts = np.asarray(prompts, np.int32)
-    if prompts.ndim != 2 or prompts.shape[1] < 1:
-        raise DecodingError(f"prompts must be [batch, length >= 1], got shape {prompts.shape}")
-    if prompt_lengths is None:
-        prompt_lengths = np.full((prompts.shape[0],), prompts.shape[1], np.int32)
-    prompt_lengths = np.asarray(prompt_lengths, np.int32)
     if not model.can_decode:
         raise DecodingError(f"{type(model).__name__} cannot generate: decoding needs a decoder-only or "
                             "encoder-decoder model")
-    limit = model.max_length()
-    if limit is not None and int(prompt_lengths.max()) > limit:
-        raise DecodingError(f"a prompt of {int(prompt_lengths.max())} tokens is longer than the model's maximum "
-                            f"length {limit}; shorten it to at most {limit} tokens (minus max_new_tokens)")
-    problem = model.check_prompts(prompts, prompt_lengths, max_new_tokens)
-    if problem:
-        raise DecodingError(problem)
+    prompts, prompt_lengths = checked_prompts((model,), prompts, prompt_lengths, max_new_tokens)
     rng = jax.random.key(0) if rng is None else rng
     tokens, lengths, scores = _generate(
         variables["params"], jnp.asarray(prompts), jnp.asarray(prompt_lengths), rng, model=model,

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_like.inference.decoding import DecodeResult, DecodingError, process_logits
+from t5x_like.inference.decoding import DecodeResult, DecodingError, checked_prompts, process_logits
 from t5x_like.models.base import BaseModel
 
 METHODS = ("greedy", "sample")
@@ -186,20 +186,7 @@ def speculative_generate(target_model: BaseModel, target_variables, draft_model:
     draft proposing `gamma` tokens per target pass. Greedy: the target's greedy tokens. Sample: the
     target's distribution (not its exact draws: the random stream differs)."""
     _check(target_model, draft_model, gamma, max_new_tokens, method, temperature)
-    prompts = np.asarray(prompts, np.int32)
-    if prompts.ndim != 2 or prompts.shape[1] < 1:
-        raise DecodingError(f"prompts must be [batch, length >= 1], got shape {prompts.shape}")
-    if prompt_lengths is None:
-        prompt_lengths = np.full((prompts.shape[0],), prompts.shape[1], np.int32)
-    prompt_lengths = np.asarray(prompt_lengths, np.int32)
-    for m in (target_model, draft_model):
-        limit = m.max_length()
-        if limit is not None and int(prompt_lengths.max()) > limit:
-            raise DecodingError(f"a prompt of {int(prompt_lengths.max())} tokens is longer than the model's maximum "
-                                f"length {limit}; shorten it to at most {limit} tokens (minus max_new_tokens)")
-        problem = m.check_prompts(prompts, prompt_lengths, max_new_tokens)
-        if problem:
-            raise DecodingError(problem)
+    prompts, prompt_lengths = checked_prompts((target_model, draft_model), prompts, prompt_lengths, max_new_tokens)
     rng = jax.random.key(0) if rng is None else rng
     tokens, lengths, scores, kept, passes = _speculate(
         target_variables["params"], draft_variables["params"], jnp.asarray(prompts), jnp.asarray(prompt_lengths),
