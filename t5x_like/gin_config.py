@@ -164,4 +164,6 @@ def model_gin_text(model, header: str = "") -> str:
         lines.extend(f"LoraConfig.{f.name} = {getattr(lora, f.name)!r}" for f in dataclasses.fields(lora))
     if getattr(model, "weight_quantization", None) is not None:
         lines.append(f"{model_name}.weight_quantization = {model.weight_quantization!r}")
+        if getattr(model, "quantize_embeddings", False):
+            lines.append(f"{model_name}.quantize_embeddings = True")
     return "\n".join(lines) + "\n"

@@ -1,11 +1,13 @@
 """Weight-only quantized checkpoints for serving (the `quantize` mode).
 
 `quantize_checkpoint(run_dir, output_dir, scheme)` restores a run's (or an import's) latest params
-in float, stores its dense kernels as int8 / int4 / nf4 `QuantizedArray`s with the model's own
-`quantize_params` (layers/quantization.py: `kernel$` leaves of at least 4096 values, except the
-untied `logits_dense`; embeddings, norms and biases stay float) and saves them as an import-style
-folder: `OUT/checkpoints/<step>/params` plus `OUT/model.gin`, which binds
-`weight_quantization`. `eval`, `infer`, `score` and `infer_eval` with `--gin_file=OUT/model.gin`
+in float, stores them as int8 / int4 / nf4 `QuantizedArray`s with the model's own `quantize_params`
+(layers/quantization.py: `kernel$` leaves of at least 4096 values, the untied `logits_dense`
+included, and the embedding tables, one scale per vocabulary row for int8; norms and biases stay
+float) and saves them as an import-style folder: `OUT/checkpoints/<step>/params` plus
+`OUT/model.gin`, which binds `weight_quantization` and `quantize_embeddings = True`. With
+`embeddings=False` (`--keep_float_embeddings`) the embedding tables and `logits_dense` stay float,
+as QLoRA keeps them. `eval`, `infer`, `score` and `infer_eval` with `--gin_file=OUT/model.gin`
 restore the integer codes directly (their restore target is the quantized `param_shapes()`):
 nothing is re-quantized at load.
 """
@@ -40,18 +42,19 @@ def model_config_file(run_dir: str) -> str:
 
 def param_bytes(params, qparams) -> dict:
     """Bytes of float `params` and of their quantized form `qparams`: {'total': (float, quantized),
-    'quantized_kernels': (float, quantized)}: every leaf, and only the kernels `quantize_params`
-    replaced (the rest, e.g. embeddings, `logits_dense` and norms, is the same in both)."""
+    'quantized': (float, quantized)}: every leaf, and only the leaves `quantize_params` replaced
+    (the rest, e.g. norms and small kernels, is the same in both)."""
     is_q = lambda x: isinstance(x, quantization.QuantizedArray)  # noqa: E731
     pairs = zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(qparams, is_leaf=is_q))
     replaced = [(f, q) for f, q in pairs if is_q(q)]
     return {"total": (quantization.nbytes(params), quantization.nbytes(qparams)),
-            "quantized_kernels": (quantization.nbytes([f for f, _ in replaced]),
-                                  quantization.nbytes([q for _, q in replaced]))}
+            "quantized": (quantization.nbytes([f for f, _ in replaced]),
+                          quantization.nbytes([q for _, q in replaced]))}
 
 
-def quantize_checkpoint(run_dir: str, output_dir: str, scheme: str) -> dict:
-    """Write `run_dir`'s latest params quantized with `scheme` to `output_dir` (module docstring).
+def quantize_checkpoint(run_dir: str, output_dir: str, scheme: str, embeddings: bool = True) -> dict:
+    """Write `run_dir`'s latest params quantized with `scheme` to `output_dir` (module docstring);
+    `embeddings`: quantize the embedding tables and `logits_dense` too.
     Returns {'step', 'checkpoint', 'gin_file', 'bytes'} ('bytes': `param_bytes`)."""
     from t5x_like import gin_config
     from t5x_like.training import checkpointing
@@ -70,7 +73,7 @@ def quantize_checkpoint(run_dir: str, output_dir: str, scheme: str) -> dict:
     params, step = checkpointing.restore_params_and_step(run_dir, target=abstract_params(model))
     if model.weight_quantization is not None:  # already quantized (QLoRA, or a quantize output): float first
         params = quantization.dequantize_params(params)
-    qmodel = type(model)(model.config, lora=model.lora, weight_quantization=scheme)
+    qmodel = type(model)(model.config, lora=model.lora, weight_quantization=scheme, quantize_embeddings=embeddings)
     qparams = qmodel.quantize_params(params)
     step_dir = checkpointing.save_params(ckpt_dir, step, qparams)
     gin_file = os.path.join(output_dir, "model.gin")

@@ -1,8 +1,8 @@
-"""Weight-only quantized storage of dense kernels: NF4 (QLoRA), int4 and int8.
+"""Weight-only quantized storage of dense kernels and embedding tables: NF4 (QLoRA), int4 and int8.
 
 A `QuantizedArray` holds a kernel as integer `codes` plus float32 absmax `scale`s and is
-dequantized on the fly where the kernel is read (`DenseGeneral`), so frozen base weights take 4 or
-8 bits per value (QLoRA's base model, int8/int4 inference) while the math stays in `dtype`.
+dequantized on the fly where the kernel is read (`DenseGeneral`, `Embed`), so frozen base weights
+take 4 or 8 bits per value (QLoRA's base model, int8/int4 inference) while the math stays in `dtype`.
 
 Layout. A kernel is `batch + in + out` axes: leading batch axes (the `layers` axis of a scanned
 stack, kept so that `nn.scan` slices codes and scale per layer), the contracted input axes, then the
@@ -16,6 +16,12 @@ output axes. Codes and scale keep the kernel's rank, so each keeps the kernel's 
   symmetric q in [-7, 7] (scale = absmax / 7).
 - `int8`: per output channel: one scale per output element, reduced over all input axes (kept as
   size-1 axes); codes are int8 in [-127, 127] (scale = absmax / 127), usable as-is by an int8 dot.
+An `Embed` table [vocab, embed] (`embedding` leaves, `param_in_axes`) is a stack of vocab rows, each
+quantized along embed: vocab is a batch axis and embed the (blocked) input axis, with no output
+axis. So int8 keeps one scale per token row (scale [vocab, 1]) and int4 / nf4 one per row and block
+of embed values (scale [vocab, embed / block]), and a lookup gathers only the ids' rows of codes
+and scales (layers/embeddings.py). The untied output projection `logits_dense` [embed, vocab] is a
+kernel like any other: int8 one scale per vocabulary entry, int4 / nf4 blocks along embed.
 Double quantization of the scales (QLoRA's 8-bit scales of scales) is not done: scales stay
 float32 (0.5 bit per value for NF4 blocks of 64).
 
@@ -206,16 +212,32 @@ def dense_kernel_in_axes(path: str, shape) -> tuple[int, ...]:
     return tuple(range(batch, batch + n_in))
 
 
-def quantize_params(params, scheme: str, targets_regex: str = r"kernel$", min_size: int = 4096,
-                    block_size: Optional[int] = None, exclude_regex: Optional[str] = r"(^|/)logits_dense/",
-                    in_axes_fn: Callable[[str, tuple], tuple[int, ...]] = dense_kernel_in_axes):
+def param_in_axes(path: str, shape) -> tuple[int, ...]:
+    """`dense_kernel_in_axes`, and for an `Embed` table (a leaf named `embedding`, [vocab, embed])
+    its last axis: each vocab row is quantized on its own (module docstring)."""
+    if path.split("/")[-1] == "embedding":
+        return (len(shape) - 1,)
+    return dense_kernel_in_axes(path, shape)
+
+
+# What the `quantize` mode stores quantized beside the dense kernels: every `Embed` table (token,
+# and learned position tables big enough) and, since it matches `kernel$`, the untied `logits_dense`.
+KERNELS_REGEX = r"kernel$"
+WITH_EMBEDDINGS_REGEX = r"kernel$|(^|/)embedding$"
+OUTPUT_PROJECTION_REGEX = r"(^|/)logits_dense/"
+
+
+def quantize_params(params, scheme: str, targets_regex: str = KERNELS_REGEX, min_size: int = 4096,
+                    block_size: Optional[int] = None, exclude_regex: Optional[str] = OUTPUT_PROJECTION_REGEX,
+                    in_axes_fn: Callable[[str, tuple], tuple[int, ...]] = param_in_axes):
     """`params` with every floating leaf whose '/'-joined path matches `targets_regex` (searched),
     does not match `exclude_regex` and has at least `min_size` values replaced by a
-    QuantizedArray; norms, embeddings and biases (and small kernels) stay as they are.
+    QuantizedArray; norms, embeddings and biases (and small kernels) stay as they are by default.
 
-    The untied output projection (`logits_dense`) is excluded by default, as QLoRA / Hugging Face
-    keep `lm_head` unquantized, and because `output_head()` hands its raw kernel to the fused loss.
-    `in_axes_fn(path, shape)` gives each kernel's input axes (see `dense_kernel_in_axes`).
+    The defaults are QLoRA's: the untied output projection (`logits_dense`) is excluded, as QLoRA /
+    Hugging Face keep `lm_head` unquantized, and the embedding tables do not match. A serving
+    checkpoint quantizes both too: `targets_regex=WITH_EMBEDDINGS_REGEX, exclude_regex=None`.
+    `in_axes_fn(path, shape)` gives each leaf's input axes (see `param_in_axes`).
     Traceable: `jax.eval_shape(lambda p: quantize_params(p, "nf4"), abstract_params)` gives a
     restore target."""
     pattern = re.compile(targets_regex)

@@ -66,17 +66,22 @@ class BaseModel:
     # paths): they start fresh from a pretrained checkpoint, train in full under LoRA, stay unquantized.
     head_regex: Optional[str] = None
 
-    def __init__(self, config, lora: Optional[LoraConfig] = None, weight_quantization: Optional[str] = None):
+    def __init__(self, config, lora: Optional[LoraConfig] = None, weight_quantization: Optional[str] = None,
+                 quantize_embeddings: bool = False):
         """`lora`: LoRA adapters on the dense kernels it targets (layers/lora.py); the network is then
         a `LoraModule` and its params hold `lora_a` / `lora_b` beside each adapted kernel.
         `weight_quantization` ("nf4", "int4", "int8"): dense kernels are stored quantized
-        (layers/quantization.py) and dequantized as each layer runs; frozen, as in QLoRA."""
+        (layers/quantization.py) and dequantized as each layer runs; frozen, as in QLoRA.
+        `quantize_embeddings`: with `weight_quantization`, the embedding tables and the untied output
+        projection `logits_dense` are stored quantized too (a `quantize` serving checkpoint); off,
+        they stay float as QLoRA keeps them."""
         if weight_quantization is not None and weight_quantization not in quantization.SCHEMES:
             raise ModelCapabilityError(f"weight_quantization={weight_quantization!r} is not one of "
                                        f"{list(quantization.SCHEMES)} (or None)")
         self.config = config
         self.lora = lora
         self.weight_quantization = weight_quantization
+        self.quantize_embeddings = bool(quantize_embeddings)
         self.module = self.network_cls(config)
         if lora is not None:
             self.module = LoraModule(self.module, lora)
@@ -150,12 +155,18 @@ class BaseModel:
 
     def quantize_params(self, params):
         """`params` in the form this model stores them: dense kernels quantized under
-        `weight_quantization` (a pretrained float checkpoint restored for QLoRA goes through here);
-        a fine-tuning head (`head_regex`, trained in full) stays unquantized."""
+        `weight_quantization` (a pretrained float checkpoint restored for QLoRA goes through here),
+        with `quantize_embeddings` the embedding tables and `logits_dense` too; a fine-tuning head
+        (`head_regex`, trained in full) stays unquantized."""
         if self.weight_quantization is None:
             return params
-        exclude = r"(^|/)logits_dense/" + (f"|{self.head_regex}" if self.head_regex else "")
-        return quantization.quantize_params(params, self.weight_quantization, exclude_regex=exclude)
+        if self.quantize_embeddings:
+            targets, exclude = quantization.WITH_EMBEDDINGS_REGEX, self.head_regex
+        else:
+            targets = quantization.KERNELS_REGEX
+            exclude = quantization.OUTPUT_PROJECTION_REGEX + (f"|{self.head_regex}" if self.head_regex else "")
+        return quantization.quantize_params(params, self.weight_quantization, targets_regex=targets,
+                                            exclude_regex=exclude)
 
     def param_shapes(self, batch: Optional[Mapping] = None, quantized: bool = True):
         """ShapeDtypeStructs of the 'params' tree (nothing allocated): restore and conversion targets."""

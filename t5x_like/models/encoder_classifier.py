@@ -171,8 +171,8 @@ class EncoderClassifierModel(BaseModel):
     weights_feature = WEIGHTS
 
     def __init__(self, config: EncoderClassifierConfig = gin.REQUIRED, lora: Optional[LoraConfig] = None,
-                 weight_quantization: Optional[str] = None):
-        super().__init__(config, lora, weight_quantization)
+                 weight_quantization: Optional[str] = None, quantize_embeddings: bool = False):
+        super().__init__(config, lora, weight_quantization, quantize_embeddings)
 
     @property
     def regression(self) -> bool:

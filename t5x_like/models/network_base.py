@@ -7,6 +7,7 @@ import flax.linen as nn
 
 from t5x_like.layers.dense import DenseGeneral
 from t5x_like.layers.embeddings import Embed, sinusoidal_positions
+from t5x_like.layers.quantization import QuantizedArray, dequantize
 from t5x_like.models.transformer import dtypes
 from t5x_like.objectives.fused_cross_entropy import OutputHead
 
@@ -66,9 +67,15 @@ class NetworkBase(nn.Module):
         return out.astype(jnp.float32)
 
     def output_head(self) -> OutputHead:
-        """The parameters `logits` projects with, for losses that project in chunks themselves."""
+        """The parameters `logits` projects with, for losses that project in chunks themselves. A
+        quantized table or kernel (a `quantize` serving checkpoint, which is evaluated, not trained)
+        is handed over dequantized: the fused loss projects from a plain array."""
         cfg = self.config
         if cfg.tie_embeddings:
-            return OutputHead(self.token_embed.embedding, vocab_major=True,
+            return OutputHead(_plain(self.token_embed.embedding), vocab_major=True,
                               scale=cfg.d_model ** -0.5 if cfg.scale_tied_logits else None)
-        return OutputHead(self.logits_dense.variables["params"]["kernel"])
+        return OutputHead(_plain(self.logits_dense.variables["params"]["kernel"]))
+
+
+def _plain(weight):
+    return dequantize(weight) if isinstance(weight, QuantizedArray) else weight

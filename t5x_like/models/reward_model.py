@@ -101,7 +101,8 @@ def reward_model_from(model=gin.REQUIRED) -> "RewardModel":
         raise ModelCapabilityError(f"reward_model_from needs a decoder-only model (the SFT run's MODEL); got "
                                    f"{type(model).__name__}")
     fields = {f.name: getattr(model.config, f.name) for f in dataclasses.fields(DecoderOnlyConfig)}
-    return RewardModel(RewardModelConfig(**fields), lora=model.lora, weight_quantization=model.weight_quantization)
+    return RewardModel(RewardModelConfig(**fields), lora=model.lora, weight_quantization=model.weight_quantization,
+                       quantize_embeddings=model.quantize_embeddings)
 
 
 def _no_decoding(model):
@@ -121,8 +122,8 @@ class RewardModel(DecoderOnlyModel):
     can_decode = False
 
     def __init__(self, config: RewardModelConfig = gin.REQUIRED, lora: Optional[LoraConfig] = None,
-                 weight_quantization: Optional[str] = None):
-        super().__init__(config, lora, weight_quantization)
+                 weight_quantization: Optional[str] = None, quantize_embeddings: bool = False):
+        super().__init__(config, lora, weight_quantization, quantize_embeddings)
 
     # ------------------------------------------------------------ features
 

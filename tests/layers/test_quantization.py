@@ -1,6 +1,8 @@
 """Weight-only quantized kernels (layers/quantization.py): NF4 / int4 / int8 numerics, DenseGeneral
-reading them (also under nn.scan), sharding specs, byte counts and Orbax round trips."""
+and Embed reading them (also under nn.scan), the embedding and output projection of a serving
+checkpoint, sharding specs, byte counts and Orbax round trips."""
 
+import functools
 import os
 
 import flax.linen as nn
@@ -13,8 +15,11 @@ from jax.sharding import PartitionSpec as P
 
 from t5x_like import partitioning
 from t5x_like.layers import DenseGeneral
-from t5x_like.layers.quantization import (NF4_LEVELS, QuantizedArray, dequantize, dequantize_params, nbytes,
-                                          quantize, quantize_params, quantized_logical_axes)
+from t5x_like.layers.embeddings import Embed
+from t5x_like.layers.quantization import (NF4_LEVELS, WITH_EMBEDDINGS_REGEX, QuantizedArray, dequantize,
+                                          dequantize_params, nbytes, quantize, quantize_params,
+                                          quantized_logical_axes)
+from t5x_like.objectives.loss import CrossEntropyLoss
 from t5x_like.models.config import DecoderOnlyConfig
 from t5x_like.models.decoder_only import DecoderOnlyModel
 
@@ -269,3 +274,109 @@ def test_orbax_round_trip_keeps_quantized_arrays(tmp_path):
             assert a.dtype == b.dtype
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(restored["bias"]), tree["bias"])
+
+
+def _largest_intermediate(fn, *args) -> int:
+    """Elements of the largest value any equation of `fn`'s jaxpr (nested ones included) produces."""
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield from (int(np.prod(v.aval.shape)) for v in eqn.outvars)
+            for p in eqn.params.values():
+                inner = getattr(p, "jaxpr", p)
+                if hasattr(inner, "eqns"):
+                    yield from walk(inner)
+    return max(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
+def test_embed_reads_a_quantized_table_row_by_row(scheme):
+    """An Embed table quantized per vocabulary row (int8: one scale per row; int4 / nf4: per row and
+    block along embed): the lookup equals the float lookup of the dequantized table exactly and
+    never builds the whole dequantized table; `attend` (the tied output projection) equals the
+    dequantized math."""
+    rng = np.random.default_rng(6)
+    vocab, d = 40, 256
+    table = rng.standard_normal((vocab, d)).astype(np.float32)
+    q = quantize_params({"embedding": table}, scheme, targets_regex=WITH_EMBEDDINGS_REGEX, min_size=0)["embedding"]
+    block, top = {"int8": (d, 127), "int4": (128, 7), "nf4": (64, 1)}[scheme]
+    assert q.full_shape == (vocab, d) and q.scale.shape == (vocab, d // block)
+    np.testing.assert_allclose(q.scale, np.abs(table.reshape(vocab, d // block, block)).max(-1) / top, rtol=1e-6)
+    dq = np.asarray(dequantize(q))
+    emb = Embed(vocab, d)
+    ids = rng.integers(0, vocab, (3, 5))
+    got = jax.jit(emb.apply)({"params": {"embedding": q}}, ids)
+    np.testing.assert_array_equal(np.asarray(got), dq[ids])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(emb.apply({"params": {"embedding": dq}}, ids)))
+    bf16 = Embed(vocab, d, dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(bf16.apply({"params": {"embedding": q}}, ids), np.float32),
+                                  np.asarray(bf16.apply({"params": {"embedding": dq}}, ids), np.float32))
+    assert _largest_intermediate(lambda p: emb.apply({"params": p}, ids), {"embedding": q}) == ids.size * d
+
+    x = rng.standard_normal((2, 3, d)).astype(np.float32)
+    logits = emb.apply({"params": {"embedding": q}}, x, method="attend")
+    ref = np.einsum("bld,vd->blv", x.astype(np.float64), dq.astype(np.float64))
+    np.testing.assert_allclose(np.asarray(logits), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(emb.apply({"params": {"embedding": dq}}, x,
+                                                                        method="attend")), rtol=1e-5, atol=1e-5)
+    # Its backward pass recomputes the table from the codes (jax.checkpoint): no float copy kept.
+    _, residuals = jax.vjp(lambda v: emb.apply({"params": {"embedding": q}}, v, method="attend"), x)
+    assert not [r for r in jax.tree_util.tree_leaves(residuals)
+                if jnp.issubdtype(r.dtype, jnp.floating) and r.size == vocab * d]
+    with pytest.raises(ValueError, match="does not match"):
+        Embed(vocab + 1, d).apply({"params": {"embedding": q}}, ids)
+
+
+@pytest.mark.parametrize("tie, scheme", [(True, "int8"), (False, "int4")])
+def test_serving_model_quantizes_embedding_and_output_projection(tie, scheme):
+    """`quantize_embeddings` stores the token embedding and the untied `logits_dense` as codes; the
+    logits (decoding's path: Embed.attend or DenseGeneral) and the fused loss (output_head,
+    dequantized) equal the float model on the dequantized params within 1e-5. QLoRA (the default)
+    keeps both float."""
+    cfg = DecoderOnlyConfig(vocab_size=512, d_model=128, num_heads=2, head_dim=64, mlp_dim=256, num_layers=1,
+                            mlp_activations=("silu", "linear"), tie_embeddings=tie, scale_tied_logits=tie)
+    f32, serving = DecoderOnlyModel(cfg), DecoderOnlyModel(cfg, weight_quantization=scheme, quantize_embeddings=True)
+    params = f32.init_variables(jax.random.key(7))["params"]
+    qparams = serving.quantize_params(params)
+    assert is_q(qparams["token_embed"]["embedding"]) and (tie or is_q(qparams["logits_dense"]["kernel"]))
+    qlora = DecoderOnlyModel(cfg, weight_quantization=scheme).quantize_params(params)
+    assert not is_q(qlora["token_embed"]["embedding"]) and (tie or not is_q(qlora["logits_dense"]["kernel"]))
+    assert is_q(qlora["decoder"]["layers_0"]["mlp"]["wi_0"]["kernel"])
+    assert not np.array_equal(dequantize(qparams["token_embed"]["embedding"]), params["token_embed"]["embedding"])
+    # The restore target is what quantize_params gives.
+    same = jax.tree_util.tree_map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype), serving.param_shapes(),
+                                  jax.eval_shape(lambda: qparams))
+    assert all(jax.tree_util.tree_leaves(same))
+
+    batch = serving.random_batch(2, 16)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def outputs(model, p):  # decoding's logits, the fused loss and the head it reads
+        return (model.compute_logits({"params": p}, batch), CrossEntropyLoss()(model, p, batch)["nll_sum"],
+                model.output_head(p).weight)
+
+    (logits, nll, head), (ref_logits, ref_nll, ref_head) = outputs(serving, qparams), \
+        outputs(f32, dequantize_params(qparams))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(nll), float(ref_nll), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(head), np.asarray(ref_head))
+
+    specs = serving.logical_axes()["params"]
+    emb = specs["token_embed"]["embedding"]
+    assert emb.codes == P("vocab", "embed") and emb.scale == P("vocab", None)
+    if not tie:
+        out = specs["logits_dense"]["kernel"]
+        assert out.codes == P("embed", "vocab") and out.scale == P(None, "vocab")
+
+
+def test_int8_serving_bytes_where_the_embedding_dominates():
+    """Everything quantized, int8 params take at most 30% of float32's bytes (the issue's target);
+    with float embeddings they cannot (both vocabulary tables stay 4 bytes a value)."""
+    cfg = DecoderOnlyConfig(vocab_size=8192, d_model=256, num_heads=4, head_dim=64, mlp_dim=688, num_layers=2,
+                            mlp_activations=("silu", "linear"), tie_embeddings=False)
+    f32 = nbytes(DecoderOnlyModel(cfg).param_shapes())
+    every = nbytes(DecoderOnlyModel(cfg, weight_quantization="int8", quantize_embeddings=True).param_shapes())
+    kernels = nbytes(DecoderOnlyModel(cfg, weight_quantization="int8").param_shapes())
+    print(f"int8 bytes / f32: everything {every / f32:.3f}, kernels only {kernels / f32:.3f}")
+    assert every / f32 <= 0.30 < kernels / f32
+    # 1 byte a value plus a float32 scale per row of 256: (1 + 4 / 256) / 4 of the float bytes.
+    assert abs(every / f32 - 0.254) < 0.01
