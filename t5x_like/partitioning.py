@@ -46,6 +46,9 @@ DEFAULT_RULES = (
     ("classes", None),  # a classifier's output classes (models/encoder_classifier.py): few, replicated
     ("reward", None),  # a reward model's scalar output (models/reward_model.py): replicated
 )
+# Optimizer state only: mesh axes a state leaf also splits over when its logical axes leave them
+# unused (`spread_state_sharding`).
+STATE_SPREAD_AXES = ("fsdp",)
 
 
 class MeshError(UserError):
@@ -118,6 +121,39 @@ def logical_to_sharding(logical_specs, mesh: Mesh, rules=None):
     """A tree of logical PartitionSpecs -> a tree of NamedShardings on `mesh`."""
     rules = logical_axis_rules() if rules is None else rules
     return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def _entry_axes(entry) -> tuple:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def spread_state_sharding(sharding: NamedSharding, shape) -> NamedSharding:
+    """An optimizer-state leaf's sharding with each axis of STATE_SPREAD_AXES it leaves unused
+    added to the dimension with the largest shard that axis divides (unchanged if none does).
+
+    Why: Adafactor's factored moments (`training/adafactor.py`) reduce the parameter's `embed`
+    axis, the one fsdp splits, so their kept axes (mlp, heads x kv: tensor axes) would sit whole
+    on every chip of an fsdp-only mesh. A sharding changes where the jitted update runs, not what
+    it computes (ZeRO-style, like MaxText's `shard_optimizer_over_data` with its data axis).
+    """
+    mesh, shape = sharding.mesh, tuple(shape)
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    for axis in STATE_SPREAD_AXES:
+        size = dict(mesh.shape).get(axis, 1)
+        if size == 1 or any(axis in _entry_axes(e) for e in spec):
+            continue
+        shards = [n // math.prod(mesh.shape[a] for a in _entry_axes(e)) for n, e in zip(shape, spec)]
+        fits = [d for d, s in enumerate(shards) if s % size == 0 and s > 1]
+        if fits:
+            d = max(fits, key=lambda i: shards[i])
+            spec[d] = _entry_axes(spec[d]) + (axis,)
+    return NamedSharding(mesh, P(*spec))
+
+
+def spread_state_shardings(shardings, shapes):
+    """`spread_state_sharding` over a tree of NamedShardings and the matching tree of arrays /
+    ShapeDtypeStructs (an optimizer state)."""
+    return jax.tree_util.tree_map(lambda s, x: spread_state_sharding(s, np.shape(x)), shardings, shapes)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

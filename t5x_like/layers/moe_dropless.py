@@ -18,6 +18,11 @@ enter the shard_map split over the expert axes and their `mlp` axis as the rules
 parallelism: partial outputs are summed with psum); other splits (fsdp) are gathered at the
 boundary. Buffers are static: each device reserves its tokens x k rows per destination, and the
 block scan skips the rows nobody sent.
+
+Not `jax.lax.ragged_all_to_all` (which would send and receive only the rows used, without the
+expert-shards x tokens x k receive buffer): XLA:CPU cannot run it (jax 0.10.2: "HLO opcode
+`ragged-all-to-all` is not supported by XLA:CPU"), so its equality with this path cannot be
+tested here.
 """
 
 from __future__ import annotations

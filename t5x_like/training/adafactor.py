@@ -8,7 +8,9 @@ expert [expert, embed, mlp] kernel is factored across layers or experts. As T5X'
 and one column, `batch` axes (`layers`, `expert`) are kept, so each layer and expert gets its own
 factors, clipping RMS and parameter scale. The reduced factors are stored with the parameter's
 rank, the reduced axes of size 1 (`v_row`: columns reduced, `v_col`: rows reduced), so a factor's
-kept axes carry the parameter's logical names and shard like it (`train_state.opt_state_logical_axes`).
+kept axes carry the parameter's logical names and shard like it (`train_state.opt_state_logical_axes`);
+a factor that reduced the fsdp-split axis (embed) is also split over fsdp on a kept axis
+(`partitioning.spread_state_sharding`), else it would be whole on every chip of an fsdp mesh.
 The state's shapes are the plan: `update` reads which axes are rows, columns and batch from them,
 so only `init` needs the logical axes.
 """

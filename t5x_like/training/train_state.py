@@ -90,6 +90,7 @@ def opt_state_logical_axes(opt_state_shapes, params_axes, params_shapes=None):
     dropped when it is a rank-reduced factored moment (optax's). Counts, placeholders and factors whose
     reduced axis is ambiguous are replicated (they are small). Without `params_shapes` only
     rank-matching leaves get the parameter's spec and factored moments are replicated.
+    Logical specs only: `sharded_abstract_state` adds fsdp to leaves that leave it unused.
     """
     is_spec = lambda x: isinstance(x, P)  # noqa: E731
     param_specs = {tuple(p): s for p, s in jax.tree_util.tree_leaves_with_path(params_axes, is_leaf=is_spec)}
@@ -146,4 +147,7 @@ def sharded_abstract_state(model, optimizer, batch_shapes: Mapping, mesh):
     abstract = TrainState.abstract(model, optimizer, batch_shapes)
     with partitioning.activation_context(mesh):
         shardings = partitioning.logical_to_sharding(train_state_logical_axes(model, abstract, batch_shapes), mesh)
+    # Factored moments whose reduced axis was the fsdp one also split over fsdp (partitioning.py).
+    opt_shardings = partitioning.spread_state_shardings(shardings.opt_state, abstract.opt_state)
+    shardings = shardings.replace(opt_state=opt_shardings)
     return _with_shardings(abstract, shardings), shardings

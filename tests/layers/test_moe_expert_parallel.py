@@ -58,8 +58,8 @@ def reference():
     return _train(None)[0]
 
 
-@pytest.mark.parametrize("mesh_kw", [dict(data=8), dict(data=2, expert=4),
-                                     dict(data=1, fsdp=2, expert=2, tensor=2)])
+@pytest.mark.parametrize("mesh_kw", [dict(data=8), pytest.param(dict(data=2, expert=4), marks=pytest.mark.slow),
+                                     dict(data=1, fsdp=2, expert=2, tensor=2)])  # the last splits experts too
 def test_same_losses_on_every_mesh(reference, mesh_kw):
     losses, hlo, state = _train(mesh_kw)
     assert reference[-1] < reference[0]
@@ -77,3 +77,19 @@ def test_expert_count_the_expert_axis_does_not_divide_is_refused():
     with partitioning.activation_context(mesh), pytest.raises(ExpertShardingError) as err:
         jax.eval_shape(lambda: model.init_variables(jax.random.key(0), batch))
     assert "num_experts=6" in str(err.value) and "\n" not in str(err.value)
+
+
+TINY_RUN = ["train", "--gin_file=tests/tiny_lm_run.gin", "--gin.TRAIN_STEPS=1",
+            "--gin.DecoderOnlyConfig.num_experts=6", "--gin.DecoderOnlyConfig.moe_top_k=2"]
+
+
+@pytest.mark.slow
+def test_train_cli_refuses_an_expert_count_the_expert_axis_does_not_divide(tmp_path, capsys):
+    """Through the command line: one `error:` line, exit 2, before any step (no checkpoint)."""
+    from t5x_like import main
+    status = main.main(TINY_RUN + [f"--gin.MODEL_DIR='{tmp_path}'", "--gin.create_mesh.data=2",
+                                   "--gin.create_mesh.expert=4"])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: num_experts=6 cannot be split over the 4 expert-parallel shards")
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())

@@ -29,7 +29,9 @@ def _stacks(params):
     return [params[k] for k in ("encoder", "decoder") if k in params]
 
 
-@pytest.mark.parametrize("kind", ["llama", pytest.param("gpt2", marks=pytest.mark.slow), "t5", "bert"])
+@pytest.mark.parametrize("kind", [  # default: t5, an encoder and a decoder stack in one model
+    pytest.param("llama", marks=pytest.mark.slow), pytest.param("gpt2", marks=pytest.mark.slow), "t5",
+    pytest.param("bert", marks=pytest.mark.slow)])
 def test_every_family_places_moe_every_n_layers_and_trains(kind, tiny):
     model = tiny.model(kind, **MOE)  # 2 layers per stack: layers_0 dense, layers_1 MoE
     batch = _batch(tiny, model, np.random.default_rng(0))
@@ -77,7 +79,8 @@ def test_bad_moe_config_is_refused(tiny, bad, match):
     assert "\n" not in str(unwrap_gin(err.value))  # one line for the CLI (which unwraps gin's proxy)
 
 
-@pytest.mark.parametrize("kind", ["llama", "t5"])
+# Gated MLPs: the layer test (tests/layers/test_moe.py) compares both paths' gradients.
+@pytest.mark.parametrize("kind", [pytest.param("llama", marks=pytest.mark.slow), "t5"])
 def test_dropless_model_equals_capacity_model_with_unlimited_capacity(kind, tiny):
     """Dropless is the default; with nothing dropped both implementations give the same logits
     and router losses (encoder and decoder stacks, gated and plain MLPs)."""
@@ -139,3 +142,14 @@ def test_flops_count_only_routed_experts(tiny):
     # k = 2 of 8 experts: twice the dense MLP work per layer (2 layers), plus the routers.
     mlp = 3 * 32 * 64
     assert extra == pytest.approx(6 * 8 * 2 * (mlp + 32 * 8))
+
+
+def test_train_cli_refuses_top_k_above_the_expert_count(tmp_path, capsys):
+    """moe_top_k > num_experts through the command line: one `error:` line, exit 2."""
+    from t5x_like import main
+    status = main.main(["train", "--gin_file=tests/tiny_lm_run.gin", "--gin.TRAIN_STEPS=1",
+                        f"--gin.MODEL_DIR='{tmp_path}'", "--gin.DecoderOnlyConfig.num_experts=4",
+                        "--gin.DecoderOnlyConfig.moe_top_k=5"])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and "moe_top_k=5 must be between 1 and num_experts=4" in lines[0]

@@ -165,3 +165,64 @@ def test_plan_survives_the_state_round_trip_with_unit_axes():
                                              clipping_threshold=None, multiply_by_parameter_scale=False, min_scale=0)
         assert [x.shape for x in new] == [x.shape for x in (v_row, v_col, v)]
         assert np.all(np.isfinite(np.asarray(update)))
+
+
+def _factor_state_on(mesh):
+    """Adafactor's state of a small scanned LM on `mesh`: abstract state and its shardings."""
+    from t5x_like.training.train_state import sharded_abstract_state
+    model = model_for_config(DecoderOnlyConfig(num_layers=2, scan_layers=True, vocab_size=64, d_model=32,
+                                               num_heads=4, head_dim=8, mlp_dim=64))
+    opt = optimizers.adafactor(schedule=lambda step: LR, min_dim_size_to_factor=16)
+    return model, opt, *sharded_abstract_state(model, opt, {"decoder_input_tokens": (8, 16)}, mesh)
+
+
+def test_factored_state_is_split_over_fsdp_not_replicated():
+    """fsdp=8: the factors whose reduced axis was embed (the fsdp one) keep mlp / heads x kv, tensor
+    axes; they split over fsdp too instead of sitting whole on every device."""
+    from t5x_like import partitioning
+    mesh = partitioning.create_mesh(data=1, fsdp=8)
+    _, _, state, _ = _factor_state_on(mesh)
+    f = state.opt_state[0]
+    wi = f.v_col["decoder"]["layers"]["mlp"]["wi"]["kernel"]              # [layers, 1, mlp]
+    q = f.v_col["decoder"]["layers"]["self_attention"]["query"]["kernel"]   # [layers, 1, heads, kv]
+    assert wi.shape == (2, 1, 64) and wi.sharding.shard_shape(wi.shape) == (2, 1, 8)
+    assert q.shape == (2, 1, 4, 8) and math.prod(q.sharding.shard_shape(q.shape)) == math.prod(q.shape) // 8
+    for leaf in jax.tree_util.tree_leaves(state.opt_state):                 # nothing split twice over fsdp
+        assert str(leaf.sharding.spec).count("fsdp") <= 1
+    v_row = f.v_row["decoder"]["layers"]["mlp"]["wi"]["kernel"]            # [layers, embed, 1]: as before
+    assert v_row.sharding.spec == P(None, "fsdp", None)
+
+
+def test_spread_state_sharding_keeps_the_param_axes_and_skips_what_does_not_divide():
+    from t5x_like import partitioning
+    mesh = partitioning.create_mesh(data=1, fsdp=4, tensor=2)
+    s = lambda *spec: jax.sharding.NamedSharding(mesh, P(*spec))  # noqa: E731
+    spread = partitioning.spread_state_sharding
+    assert spread(s(None, None, "tensor"), (3, 1, 16)).spec == P(None, None, ("tensor", "fsdp"))
+    assert spread(s(None, None, "tensor"), (3, 1, 4)).spec == P(None, None, "tensor")   # 4/2 shards: 4 no
+    assert spread(s("fsdp", None), (8, 8)).spec == P("fsdp", None)                      # fsdp already used
+    assert spread(s(), ()).spec == P()                                                  # scalars
+
+
+def test_update_on_an_fsdp_mesh_equals_one_device():
+    """The same steps with the spread state on fsdp=8 and unsharded on one device."""
+    from t5x_like import partitioning
+    mesh = partitioning.create_mesh(data=1, fsdp=8)
+    model, opt, abstract, shardings = _factor_state_on(mesh)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), abstract.params)
+    grads = [jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), abstract.params)
+             for _ in range(3)]
+    axes = train_state_logical_axes(model, abstract, {"decoder_input_tokens": (8, 16)}).params
+    one, _ = _run(opt, params, axes, grads)
+    step = jax.jit(opt.update, in_shardings=(shardings.params, shardings.opt_state, shardings.params),
+                   out_shardings=(shardings.params, shardings.opt_state))
+    p = jax.device_put(params, shardings.params)
+    state = jax.device_put(opt.init(params, axes), shardings.opt_state)
+    for g in grads:
+        updates, state = step(jax.device_put(g, shardings.params), state, p)
+        p = jax.tree_util.tree_map(lambda a, u: a + u, p, updates)
+    wi = state[0].v_col["decoder"]["layers"]["mlp"]["wi"]["kernel"]
+    assert not wi.sharding.is_fully_replicated
+    for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(one)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
