@@ -195,12 +195,17 @@ def _split_files(files: Files, what: str) -> dict[str, list[str]]:
 # -------------------------------------------------------------------------------------- the task
 
 
-class InstructionSource(seqio.DataSource):
-    """The rendered {"inputs", "targets"} strings of each split, in file order; hosts take every
-    n-th example (`shard_info`). With `shuffle`, each host's examples are shuffled in full, anew
-    every epoch, from the seed (they are in memory; seqio's Task shuffles its buffer as well)."""
+class InMemorySource(seqio.DataSource):
+    """Rendered string examples of each split, one tuple per example in `FEATURES` order, served in
+    file order; hosts take every n-th example (`shard_info`). With `shuffle`, each host's examples
+    are shuffled in full, anew every epoch, from the seed (they are in memory; seqio's Task shuffles
+    its buffer as well). Shared by the JSONL tasks (instruction and preference data); a subclass
+    names its `FEATURES` and `KIND` (the task kind error messages name)."""
 
-    def __init__(self, examples: Mapping[str, Sequence[tuple[str, str]]]):
+    FEATURES: tuple[str, ...] = ()
+    KIND = "in-memory"
+
+    def __init__(self, examples: Mapping[str, Sequence[tuple[str, ...]]]):
         self._examples = {s: list(e) for s, e in examples.items()}
         # No num_input_examples: seqio would then `cache()` a small split in memory (it already is),
         # which freezes the first epoch's order.
@@ -214,22 +219,32 @@ class InstructionSource(seqio.DataSource):
         return [split]
 
     def __repr__(self):
-        return f"InstructionSource({ {s: len(e) for s, e in self._examples.items()} })"
+        return f"{type(self).__name__}({ {s: len(e) for s, e in self._examples.items()} })"
+
+    def examples(self, split: str) -> list[tuple[str, ...]]:
+        """The split's examples; an unknown split is an `InstructionError` naming the known ones."""
+        if split not in self._examples:
+            raise InstructionError(f"{self.KIND} task has no split {split!r}; it has {list(self._examples)}")
+        return self._examples[split]
 
     def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
                     shard_info: Optional[seqio.ShardInfo] = None, *, sequence_length=None,
                     use_cached: bool = False, num_epochs: Optional[int] = 1) -> tf.data.Dataset:
-        if split not in self._examples:
-            raise InstructionError(f"instruction task has no split {split!r}; it has {list(self._examples)}")
-        pairs = self._examples[split]
-        ds = tf.data.Dataset.from_tensor_slices({
-            "inputs": tf.constant([p[0] for p in pairs], tf.string),
-            "targets": tf.constant([p[1] for p in pairs], tf.string)})
+        rows = self.examples(split)
+        ds = tf.data.Dataset.from_tensor_slices(
+            {k: tf.constant([r[n] for r in rows], tf.string) for n, k in enumerate(self.FEATURES)})
         if shard_info and shard_info.num_shards > 1:
             ds = ds.shard(shard_info.num_shards, shard_info.index)
-        if shuffle and len(pairs) > 1:
-            ds = ds.shuffle(len(pairs), seed=seed, reshuffle_each_iteration=True)
+        if shuffle and len(rows) > 1:
+            ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
         return ds
+
+
+class InstructionSource(InMemorySource):
+    """The rendered {"inputs", "targets"} strings of each split (see `InMemorySource`)."""
+
+    FEATURES = ("inputs", "targets")
+    KIND = "instruction"
 
 
 def keep_end_of_inputs(dataset: tf.data.Dataset, output_features, sequence_length=None) -> tf.data.Dataset:

@@ -120,15 +120,19 @@ def examples_from_file(path: str, fmt: PreferenceFormat, template: ChatTemplate)
     return [record_example(record, fmt, template, f"{path}:{n}") for n, record in instructions.read_jsonl(path)]
 
 
-class PreferenceSource(seqio.DataSource):
-    """The rendered {"inputs", "targets", "rejected"} strings of each split, in file order; hosts take
-    every n-th example; with `shuffle`, a seeded full shuffle per epoch (as `InstructionSource`)."""
+class PreferenceSource(instructions.InMemorySource):
+    """The rendered {"inputs", "targets", "rejected"} strings of each split (served as
+    `InMemorySource` does), without the pairs whose completions are identical, and the truncation
+    counts of given lengths."""
+
+    FEATURES = FEATURES
+    KIND = "preference"
 
     def __init__(self, examples: Mapping[str, Sequence[tuple[str, str, str]]], vocabulary, inputs_eos: bool):
         # A pair whose two completions are the same text has no preference to learn (its DPO loss is
         # log 2 whatever the weights): it is dropped, counted and warned about.
-        self._examples = {s: [e for e in rows if e[1] != e[2]] for s, rows in examples.items()}
-        self.identical = {s: len(rows) - len(self._examples[s]) for s, rows in examples.items()}
+        kept = {s: [e for e in rows if e[1] != e[2]] for s, rows in examples.items()}
+        self.identical = {s: len(rows) - len(kept[s]) for s, rows in examples.items()}
         for split, n in self.identical.items():
             if n:
                 logger.warning("preference split %r: %d of %d pairs have chosen == rejected and are dropped (no "
@@ -136,24 +140,14 @@ class PreferenceSource(seqio.DataSource):
         self._vocabulary, self._inputs_eos = vocabulary, bool(inputs_eos)
         self._token_counts: dict[str, list[tuple[int, int, int]]] = {}
         self._reported: set = set()
-        super().__init__(splits=tuple(self._examples), caching_permitted=False)
-
-    @property
-    def supports_arbitrary_sharding(self) -> bool:
-        return True
-
-    def list_shards(self, split: str) -> Sequence[str]:
-        return [split]
-
-    def __repr__(self):
-        return f"PreferenceSource({ {s: len(e) for s, e in self._examples.items()} })"
+        super().__init__(kept)
 
     def truncation_counts(self, split: str, lengths: Mapping[str, int]) -> dict[str, int]:
         """How many of the split's prompts / chosen / rejected completions the lengths cut."""
         if split not in self._token_counts:
             encode = self._vocabulary.encode
             self._token_counts[split] = [(len(encode(i)), len(encode(c)), len(encode(r)))
-                                         for i, c, r in self._examples[split]]
+                                         for i, c, r in self.examples(split)]
         inputs_max = int(lengths["inputs"]) - self._inputs_eos
         targets_max = int(lengths["targets"]) - 1
         counts = self._token_counts[split]
@@ -178,17 +172,10 @@ class PreferenceSource(seqio.DataSource):
     def get_dataset(self, split: str = "train", shuffle: bool = True, seed: Optional[int] = None,
                     shard_info: Optional[seqio.ShardInfo] = None, *, sequence_length=None,
                     use_cached: bool = False, num_epochs: Optional[int] = 1) -> tf.data.Dataset:
-        if split not in self._examples:
-            raise InstructionError(f"preference task has no split {split!r}; it has {list(self._examples)}")
+        self.examples(split)  # an unknown split is refused before anything is reported
         self._report(split, sequence_length)
-        rows = self._examples[split]
-        ds = tf.data.Dataset.from_tensor_slices(
-            {k: tf.constant([r[n] for r in rows], tf.string) for n, k in enumerate(FEATURES)})
-        if shard_info and shard_info.num_shards > 1:
-            ds = ds.shard(shard_info.num_shards, shard_info.index)
-        if shuffle and len(rows) > 1:
-            ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
-        return ds
+        return super().get_dataset(split, shuffle, seed, shard_info, sequence_length=sequence_length,
+                                   use_cached=use_cached, num_epochs=num_epochs)
 
 
 def truncation_counts(name: str, task_feature_lengths: Mapping[str, int], split: str = "train") -> dict[str, int]:

@@ -8,7 +8,6 @@ killed at any point continues bitwise identically. SIGTERM saves and exits clean
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from typing import Callable, Mapping, Optional
@@ -21,10 +20,11 @@ from t5x_like import evaluation, partitioning
 from t5x_like.data import iterators as data_iterators
 from t5x_like.errors import UserError
 from t5x_like.objectives import Loss, summarize
-from t5x_like.training import run_checks, run_lock, steps
-from t5x_like.training.checkpointing import Checkpointer, checkpoints_dir, restore_params
+from t5x_like.training import run_checks, steps
+from t5x_like.training.checkpointing import restore_params
 from t5x_like.training.matmul_peak import measure_matmul_peak
 from t5x_like.training.metrics_writer import MetricsWriter
+from t5x_like.training.run_context import open_run
 from t5x_like.training.train_state import abstract_params, init_fn, sharded_abstract_state
 from t5x_like.training.trainable import trainable_subset
 
@@ -59,12 +59,6 @@ class _SigtermFlag:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-def _write_gin(model_dir: str, name: str, text: str) -> None:
-    if jax.process_index() == 0:
-        with open(os.path.join(model_dir, name), "w") as f:
-            f.write(text)
 
 
 def _batch_shapes(iterator, global_batch: int) -> dict:
@@ -195,11 +189,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
     if infer_eval_every and infer_eval is None:
         raise run_checks.RunValueError("train.infer_eval_every needs train.infer_eval (runs/pretrain.gin binds "
                                        "@infer_eval_in_training())")
-    model_dir = os.path.abspath(os.fspath(model_dir))
-    run_checks.make_model_dir(model_dir)
-    lock = run_lock.lock_run_dir(model_dir)  # before anything is written: one run per MODEL_DIR
-    writer = checkpointer = None
-    try:
+    with open_run(model_dir) as run:  # MODEL_DIR locked before anything is written: one run per directory
+        model_dir = run.model_dir
         evaluation.check_task(mixture_or_task_name)
         mesh = mesh_fn()
         partitioning.check_batch_size(batch_size, mesh)
@@ -216,8 +207,8 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
         if reference is not None:
             reference.load(model, mesh, batch_shapes)
 
-        checkpointer = Checkpointer(checkpoints_dir(model_dir), save_interval_steps=checkpoint_every,
-                                    keep_last=keep_last, keep_best=keep_best, async_save=async_checkpoints)
+        checkpointer = run.checkpointer(save_interval_steps=checkpoint_every, keep_last=keep_last,
+                                        keep_best=keep_best, async_save=async_checkpoints)
         restored = checkpointer.restore_latest(target)
         if restored is not None:
             state = restored.state
@@ -227,7 +218,7 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
         else:
             state = _fresh_state(model, optimizer, batch_shapes, mesh, target, state_shardings, seed, init_checkpoint)
         start = int(jax.device_get(state.step))
-        _write_gin(model_dir, "config.gin", gin_config_text)  # after a refused resume could have stopped us
+        run.write_file("config.gin", gin_config_text)  # after a refused resume could have stopped us
 
         train_step = steps.make_train_step(
             model, optimizer, loss=loss, num_microbatches=num_microbatches,
@@ -241,7 +232,7 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
         float_params = abstract_params(model, batch_shapes=batch_shapes, quantized=False)
         flops_per_step = optimizer.flops_per_example(model, float_params, lengths) * batch_size
         peak = measure_matmul_peak() if measure_peak else 0.0
-        writer = MetricsWriter(model_dir, total_steps=train_steps, initial_step=start, progress=progress)
+        writer = run.writer(total_steps=train_steps, initial_step=start, progress=progress)
         if start == 0 and gin_config_text:
             writer.write_text(0, "gin_config", gin_config_text)
 
@@ -310,20 +301,12 @@ def train(*, model=gin.REQUIRED, model_dir: str = gin.REQUIRED, mixture_or_task_
             if not last_eval and eval_every:  # nothing left to train (a finished run rerun): report anyway
                 last_eval = evaluator.evaluate(state.params)
         checkpointer.wait_until_finished()
-        _write_gin(model_dir, "operative_config.gin", gin.operative_config_str())
+        run.write_file("operative_config.gin", gin.operative_config_str())
         if unigram_baseline_batches and last_eval:
             baseline = evaluation.unigram_baseline(model, mixture_or_task_name, task_feature_lengths,
                                                    batch_size, unigram_baseline_batches, eval_batches, seed)
             writer.write_scalars(train_steps, baseline, "unigram_baseline")
             last_eval = {**last_eval, "unigram_baseline": baseline}
-    finally:
-        try:
-            if writer is not None:
-                writer.close()
-            if checkpointer is not None:
-                checkpointer.close()
-        finally:
-            lock.release()
     return last_eval
 
 

@@ -46,9 +46,10 @@ SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize("name,method", [
-    ("llama_rotary_gqa", "greedy"), ("llama_rotary_gqa", "beam"), ("gpt2_learned_scan", "greedy"),
-    ("t5_relative", "greedy"), ("mistral_window3", "greedy"), pytest.param("gpt2_learned_scan", "beam", marks=SLOW),
-    pytest.param("t5_relative", "beam", marks=SLOW)])
+    # Llama's prefilled-vs-no-cache calls are test_prefill.py's Llama cases exactly: slow here.
+    pytest.param("llama_rotary_gqa", "greedy", marks=SLOW), pytest.param("llama_rotary_gqa", "beam", marks=SLOW),
+    ("gpt2_learned_scan", "greedy"), ("t5_relative", "greedy"), ("mistral_window3", "greedy"),
+    pytest.param("gpt2_learned_scan", "beam", marks=SLOW), pytest.param("t5_relative", "beam", marks=SLOW)])
 def test_cache_equals_recompute(name, method):
     model, variables = random_model(name)
     kw = dict(prompt_lengths=LENGTHS, max_new_tokens=8, method=method, num_beams=3, length_penalty=0.6)

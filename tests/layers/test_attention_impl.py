@@ -77,7 +77,9 @@ def _assert_close(got, want):
 
 
 @pytest.mark.parametrize("kind,kv_heads", [
-    ("causal", 2), ("packed", 2), ("window", 2), ("packed_window", 2),
+    # default: the causal mask, and the local mask with segment ids (packed_window covers packed and window)
+    ("causal", 2), pytest.param("packed", 2, marks=pytest.mark.slow), pytest.param("window", 2, marks=pytest.mark.slow),
+    ("packed_window", 2),
     # MHA and MQA: new shapes to compile (about 40 s each on a loaded CPU)
     pytest.param("packed_window", 4, marks=pytest.mark.slow), pytest.param("causal", 1, marks=pytest.mark.slow)])
 def test_kernels_equal_blocked_xla_on_causal_masks(kind, kv_heads):

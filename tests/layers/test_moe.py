@@ -118,7 +118,8 @@ def test_group_size_must_divide_tokens():
         _module(group_size=4, impl="capacity").init(jax.random.key(0), x)
 
 
-@pytest.mark.parametrize("impl", ["capacity", "dropless"])
+# Dropless: every gradient is checked nonzero and equal to the capacity path's below.
+@pytest.mark.parametrize("impl", ["capacity", pytest.param("dropless", marks=pytest.mark.slow)])
 def test_gradients_reach_router_and_experts(impl):
     x = np.random.default_rng(0).standard_normal((2, 8, D)).astype(np.float32)
     module = _module(top_k=1, impl=impl)
@@ -133,7 +134,7 @@ def test_gradients_reach_router_and_experts(impl):
         assert float(sum(np.abs(np.asarray(g)).sum() for g in jax.tree_util.tree_leaves(grads[name]))) > 0, name
 
 
-@pytest.mark.parametrize("impl", ["capacity", "dropless"])
+@pytest.mark.parametrize("impl", [pytest.param("capacity", marks=pytest.mark.slow), "dropless"])
 def test_bfloat16_matches_float32_with_several_groups(impl):
     """bf16 activations over several routing groups train (every dot has a CPU kernel for its
     dtypes) and stay within bf16 rounding of the float32 layer."""
@@ -151,8 +152,10 @@ def test_bfloat16_matches_float32_with_several_groups(impl):
 
 
 @pytest.mark.parametrize("top_k, renormalize, use_bias, method, activations", [
-    (1, True, False, "blocked", ("relu",)), (2, True, True, "blocked", ("silu", "linear")),
-    (2, False, False, "blocked", ("gelu", "linear")), (2, True, True, "ragged", ("silu", "linear"))])
+    pytest.param(1, True, False, "blocked", ("relu",), marks=pytest.mark.slow),
+    (2, True, True, "blocked", ("silu", "linear")),
+    pytest.param(2, False, False, "blocked", ("gelu", "linear"), marks=pytest.mark.slow),
+    (2, True, True, "ragged", ("silu", "linear"))])
 def test_dropless_gradients_equal_capacity_path_with_unlimited_capacity(top_k, renormalize, use_bias, method,
                                                                          activations):
     """Same routing, same router losses: every parameter's and the input's gradient agree. 160

@@ -289,7 +289,8 @@ def _logits_and_grads(model, variables, batch):
     return np.asarray(logits), grads
 
 
-@pytest.mark.parametrize("kind,policy,scan", [("llama", "minimal", True), ("bert", "full", False)])
+@pytest.mark.parametrize("kind,policy,scan", [("llama", "minimal", True),
+                                               pytest.param("bert", "full", False, marks=pytest.mark.slow)])
 def test_remat_policies_change_nothing(kind, policy, scan, tiny):
     """Rematerialisation trades memory for compute; logits and gradients must be identical."""
     batch = _batch(kind, np.random.default_rng(9), tiny)

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from t5x_like.data import verifiable
-from t5x_like.inference import rlhf
+from t5x_like.inference import rl_rollout, rlhf
 from t5x_like.inference.rl_rewards import PythonReward, RewardFunctionError, python_reward
 from t5x_like.models import DecoderOnlyConfig, model_for_config
 from t5x_like.objectives.rl import POLICY, VALUE_HEAD, GRPOLoss, PPOLoss
@@ -199,9 +199,9 @@ def test_prompts_render_with_the_sft_chat_template():
 
     vocab, model = get_vocabulary("byte"), _model()
     records = [{"prompt": "1+2=", "answer": "3"}]
-    plain = rlhf._Prompts(model, vocab, records, 64, "p", get_template("plain"))
+    plain = rl_rollout.Prompts(model, vocab, records, 64, "p", get_template("plain"))
     assert plain.ids["1+2="] == [0] + list(vocab.encode("<|user|>\n1+2=\n<|assistant|>\n"))
-    raw = rlhf._Prompts(model, vocab, records, 64, "p")
+    raw = rl_rollout.Prompts(model, vocab, records, 64, "p")
     arr, lengths, rows = raw.arrays(records, 3)
     assert rows == [[0] + list(vocab.encode("1+2="))] * 3 and arr.shape == (3, 64) and list(lengths) == [5] * 3
 
