@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Mapping, Optional
 
 import gin
 import jax
@@ -199,23 +199,51 @@ def speculative_generate(target_model: BaseModel, target_variables, draft_model:
                              tokens_per_pass=(kept + passes) / max(1, passes), target_passes=passes)
 
 
+def draft_config(config, overrides: Optional[Mapping] = None):
+    """The target's `config` with the draft's `overrides` (field -> value; e.g. fewer layers, a smaller
+    d_model, heads and mlp_dim): vocabulary, tokenizer and positions stay the target's. A field the
+    config lacks is a DecodingError; a bad value the config's own ConfigError."""
+    overrides = dict(overrides or {})
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise DecodingError(f"draft overrides {unknown} are not fields of {type(config).__name__}; use e.g. "
+                            "num_layers, d_model, num_heads, num_kv_heads, head_dim, mlp_dim")
+    if "vocab_size" in overrides and overrides["vocab_size"] != config.vocab_size:
+        raise DecodingError(f"draft overrides change vocab_size ({config.vocab_size} -> {overrides['vocab_size']}); "
+                            "a draft must share the target's vocabulary")
+    return dataclasses.replace(config, **overrides)
+
+
+@gin.configurable
+def draft_model(target: BaseModel = gin.REQUIRED, overrides: Optional[Mapping] = None) -> BaseModel:
+    """The draft a run trains (gin/runs/draft.gin: `MODEL = @draft_model()`): the target model's class
+    with `draft_config(target.config, overrides)`; no LoRA, no quantization."""
+    return type(target)(draft_config(target.config, overrides))
+
+
 @gin.configurable
 class SpeculativeDraft:
     """The draft the `infer` mode decodes with (gin: `infer.draft = @SpeculativeDraft()`): the target's
-    own config with `num_layers` layers (what gin/runs/draft.gin trains), restored from `checkpoint`.
-    Greedy and sampled requests then go through `speculative_generate`; the acceptance rate is logged."""
+    own config with `config_overrides` (the DRAFT_OVERRIDES the draft was trained with, gin/runs/draft.gin;
+    `num_layers` alone is a shorthand; neither: one layer), restored from `checkpoint`. Greedy and sampled
+    requests then go through `speculative_generate`; the acceptance rate is logged."""
 
-    def __init__(self, checkpoint: str = gin.REQUIRED, num_layers: int = 1, gamma: int = 4,
-                 step: Optional[int] = None):
-        self.checkpoint, self.num_layers, self.gamma, self.step = checkpoint, num_layers, gamma, step
+    def __init__(self, checkpoint: str = gin.REQUIRED, num_layers: Optional[int] = None, gamma: int = 4,
+                 step: Optional[int] = None, config_overrides: Optional[Mapping] = None):
+        overrides = dict(config_overrides or {})
+        if num_layers is not None:
+            if overrides.get("num_layers", num_layers) != num_layers:
+                raise DecodingError(f"SpeculativeDraft.num_layers={num_layers} contradicts config_overrides' "
+                                    f"num_layers={overrides['num_layers']}; set one of them")
+            overrides["num_layers"] = num_layers
+        self.overrides = overrides or {"num_layers": 1}
+        self.checkpoint, self.gamma, self.step = checkpoint, gamma, step
         self.accepted = self.proposed = 0
 
     def model_for(self, target: BaseModel) -> BaseModel:
-        """The draft model: the target's class and config, with `num_layers` layers."""
-        if not hasattr(target.config, "num_layers"):
-            raise DecodingError(f"SpeculativeDraft builds a draft from a decoder-only target's config; "
-                                f"{type(target.config).__name__} has no num_layers")
-        return type(target)(dataclasses.replace(target.config, num_layers=self.num_layers))
+        """The draft model: the target's class and config, with the overrides."""
+        return type(target)(draft_config(target.config, self.overrides))
 
     def load(self, target: BaseModel, variables=None):
         """(draft model, its variables): restored from `checkpoint` unless `variables` are given."""

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from t5x_like import partitioning
 from t5x_like.errors import UserError
+from t5x_like.objectives.distillation import TEACHER_FEATURE, teacher_logits
 from t5x_like.objectives.preference import REFERENCE_FEATURE, reference_logps
 from t5x_like.training.checkpointing import restore_params
 from t5x_like.training.train_state import abstract_params
@@ -89,3 +90,54 @@ class FrozenReference:
 def _as_float32(params):
     """bfloat16-stored reference weights computed in float32 (the model's own dtype decides the math)."""
     return jax.tree_util.tree_map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, params)
+
+
+@gin.configurable
+class FrozenTeacher(FrozenReference):
+    """Distillation's teacher (objectives/distillation.py, gin/runs/draft_distill.gin): a frozen model of
+    its own config (`model`, e.g. the target a draft learns from), restored from `checkpoint` as
+    FrozenReference restores a reference (never saved with the run), adding its logits [rows, length,
+    vocab] (`teacher_logits`, stored as `logits_dtype`) to every train and eval batch on device.
+
+        train.reference = @FrozenTeacher()
+        FrozenTeacher.checkpoint = %TEACHER_CHECKPOINT
+        FrozenTeacher.model = %TARGET_MODEL
+    """
+
+    def __init__(self, checkpoint: str = gin.REQUIRED, model=gin.REQUIRED, dtype: str = "float32",
+                 logits_dtype: str = "float32", step: Optional[int] = None):
+        super().__init__(checkpoint, dtype, step)
+        if logits_dtype not in DTYPES:
+            raise ReferenceError(f"FrozenTeacher.logits_dtype={logits_dtype!r}; use one of {', '.join(DTYPES)}")
+        self.model, self.logits_dtype = model, jnp.dtype(logits_dtype)
+
+    def load(self, model, mesh, batch_shapes: Optional[Mapping] = None) -> "FrozenTeacher":
+        """Restore the teacher's params onto `mesh` (sharded by its own logical axes); the student
+        `model` must share its vocabulary and batch features."""
+        teacher = self.model
+        if type(teacher) is not type(model) or teacher.config.vocab_size != model.config.vocab_size:
+            raise ReferenceError(f"the teacher ({type(teacher).__name__}, vocabulary {teacher.config.vocab_size}) and "
+                                 f"the student ({type(model).__name__}, vocabulary {model.config.vocab_size}) need the "
+                                 "same family and vocabulary; set FrozenTeacher.model to the teacher run's MODEL")
+        try:
+            super().load(teacher, mesh, batch_shapes)
+        except ReferenceError as e:
+            raise ReferenceError(str(e).replace("reference checkpoint", "teacher checkpoint")
+                                 .replace("this run's model", "FrozenTeacher.model")) from None
+        shardings = jax.tree_util.tree_map(lambda a: a.sharding, self._params)
+        self._fn = jax.jit(lambda p, batch: teacher_logits(teacher, _as_float32(p), batch, self.logits_dtype),
+                           in_shardings=(shardings, None), out_shardings=partitioning.batch_sharding(mesh, 3))
+        return self
+
+    def feature_shapes(self, batch_shapes: Mapping[str, tuple]) -> dict:
+        """The feature `add_features` adds: the teacher's logits, one vocabulary row per target position."""
+        rows, length = batch_shapes[self.model.targets_feature][:2]
+        return {TEACHER_FEATURE: ((rows, length, self.model.config.vocab_size), self.logits_dtype)}
+
+    def add_features(self, batch: Mapping, mesh) -> dict:
+        """`batch` (global arrays) plus `teacher_logits` [rows, length, vocab], sharded over the batch axes."""
+        if self._fn is None:
+            raise RuntimeError("FrozenTeacher.load(model, mesh) must run before add_features")
+        with partitioning.activation_context(mesh):
+            logits = self._fn(self._params, batch)
+        return {**batch, TEACHER_FEATURE: logits}

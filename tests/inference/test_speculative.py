@@ -3,7 +3,9 @@ different lengths; a 1-layer random draft that disagrees nearly always, perturbe
 part of the time; Llama, GPT-2 with scanned layers, and (slow) a sliding-window ring buffer rolled back
 past its window and a T5 encoder-decoder); a draft equal to the target keeps every proposal; sampling
 matches the target's exact 2-token distribution (chi-square, slow); bad inputs are one-line
-DecodingErrors; gin/runs/draft.gin makes a shallower model of the target's gin."""
+DecodingErrors; gin/runs/draft.gin makes a shallower model of the target's gin, or one of another width
+(DRAFT_OVERRIDES), the same model SpeculativeDraft(config_overrides=...) builds for `infer`; a narrower
+draft keeps the target's greedy output."""
 
 import functools
 
@@ -13,7 +15,7 @@ import pytest
 from scipy import stats
 
 from t5x_like.inference import decoding
-from t5x_like.inference.speculative import speculative_generate
+from t5x_like.inference.speculative import SpeculativeDraft, draft_config, speculative_generate
 from t5x_like.models import DecoderOnlyConfig, model_for_config
 
 from test_decoding import CONFIGS, COMMON, LENGTHS, PROMPTS, random_model
@@ -31,15 +33,20 @@ def _pair(name):
         target, tvars = random_model("llama_rotary_gqa")
         draft = model_for_config(CONFIGS["llama_rotary_gqa"].replace(num_layers=1))
         return target, tvars, draft, draft.init_variables(jax.random.key(3))
+    if name == "llama_narrow_draft":  # half the width, one layer, 2 heads: another config, same vocabulary
+        target, tvars = random_model("llama_rotary_gqa")
+        draft = model_for_config(draft_config(CONFIGS["llama_rotary_gqa"], NARROW))
+        return target, tvars, draft, _perturbed(draft.init_variables(jax.random.key(3)), 0.3)
     target, tvars = random_model(name)
     return target, tvars, target, _perturbed(tvars, 0.03 if name.startswith("t5") else 0.15)
 
 
 SLOW = pytest.mark.slow
+NARROW = {"num_layers": 1, "d_model": 16, "num_heads": 2, "num_kv_heads": 1, "mlp_dim": 24}
 
 
 @pytest.mark.parametrize("name,gamma", [
-    ("llama_1layer_draft", 3), ("llama_rotary_gqa", 4), ("gpt2_learned_scan", 2),
+    ("llama_1layer_draft", 3), ("llama_narrow_draft", 4), ("llama_rotary_gqa", 4), ("gpt2_learned_scan", 2),
     pytest.param("mistral_window3", 4, marks=SLOW), pytest.param("t5_relative", 3, marks=SLOW)])
 def test_greedy_equals_target_greedy(name, gamma):
     target, tvars, draft, dvars = _pair(name)
@@ -50,7 +57,7 @@ def test_greedy_equals_target_greedy(name, gamma):
     np.testing.assert_array_equal(got.lengths, want.lengths)
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-4, atol=1e-4)
     assert len({tuple(r) for r in got.tokens}) > 1
-    if name == "llama_1layer_draft":
+    if name.endswith("_draft"):
         assert got.acceptance_rate < 0.2
     else:  # partial acceptance: both the rejection and the all-kept (bonus token) paths ran
         assert 0.0 < got.acceptance_rate < 1.0, got.acceptance_rate
@@ -153,3 +160,28 @@ def test_draft_gin_shrinks_only_the_depth():
     draft = gin_config.model_from_gin()
     assert (draft.config.num_layers, target.config.num_layers) == (1, 6)
     assert draft.config.replace(num_layers=6) == target.config  # same vocabulary, width, positions
+
+
+def test_draft_gin_overrides_build_the_infer_draft():
+    from t5x_like import gin_config
+
+    overrides = {"num_layers": 2, "d_model": 64, "num_heads": 4, "head_dim": 16, "mlp_dim": 172}
+    gin_config.parse(["models/llama_tiny.gin", "runs/draft.gin"], [f"DRAFT_OVERRIDES = {overrides!r}"])
+    draft = gin_config.model_from_gin()
+    gin_config.parse(["models/llama_tiny.gin"])
+    target = gin_config.model_from_gin()
+    assert draft.config == target.config.replace(**overrides)  # vocabulary, positions, norms: the target's
+    assert SpeculativeDraft(checkpoint="x", config_overrides=overrides).model_for(target).config == draft.config
+    both = SpeculativeDraft(checkpoint="x", num_layers=2, config_overrides=overrides).model_for(target)
+    assert both.config == draft.config
+    assert SpeculativeDraft(checkpoint="x").model_for(target).config == target.config.replace(num_layers=1)
+
+
+def test_bad_draft_overrides_are_one_line_errors():
+    config = CONFIGS["llama_rotary_gqa"]
+    for overrides, needle in [({"depth": 2}, "not fields of DecoderOnlyConfig"), ({"vocab_size": 32}, "vocab_size")]:
+        with pytest.raises(decoding.DecodingError, match=needle) as err:
+            draft_config(config, overrides)
+        assert "\n" not in str(err.value)
+    with pytest.raises(decoding.DecodingError, match="contradicts"):
+        SpeculativeDraft(checkpoint="x", num_layers=1, config_overrides={"num_layers": 2})
