@@ -166,4 +166,6 @@ def model_gin_text(model, header: str = "") -> str:
         lines.append(f"{model_name}.weight_quantization = {model.weight_quantization!r}")
         if getattr(model, "quantize_embeddings", False):
             lines.append(f"{model_name}.quantize_embeddings = True")
+        if getattr(model, "quantized_matmul", "dequantize") != "dequantize":
+            lines.append(f"{model_name}.quantized_matmul = {model.quantized_matmul!r}")
     return "\n".join(lines) + "\n"

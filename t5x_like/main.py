@@ -10,9 +10,10 @@ Modes:
              with --peft_dir, with that folder's LoRA adapters (peft format) on top
   export_peft --run_dir=DIR --output_dir=DIR: the LoRA adapters of a run's latest checkpoint in peft's
              format (adapter_config.json + adapter_model.safetensors): an adapter-only checkpoint
-  quantize   --run_dir=DIR --output_dir=DIR --scheme=int8|int4|nf4 [--keep_float_embeddings]: a run's (or an
-             import's) latest params with weight-only quantized dense kernels, embedding tables and output
-             projection, saved as such, plus OUT/model.gin for eval/infer/score
+  quantize   --run_dir=DIR --output_dir=DIR --scheme=int8|int4|nf4 [--keep_float_embeddings]
+             [--quantized_matmul=int8]: a run's (or an import's) latest params with weight-only quantized dense
+             kernels, embedding tables and output projection, saved as such, plus OUT/model.gin for
+             eval/infer/score (int8: layers multiply int8 activations by the codes instead of dequantizing)
   infer      --input=FILE|- [--output=FILE.jsonl]: decode prompts (text lines or JSONL) with a checkpoint
              (gin/runs/infer.gin: greedy, sampling or beam search with a KV cache); JSONL out
   score      --input=FILE|- [--output=FILE.jsonl]: log-likelihood of (input, target) pairs (JSONL records
@@ -73,6 +74,9 @@ def parse_args(argv):
     parser.add_argument("--scheme", help="quantize: int8, int4 or nf4 (layers/quantization.py)")
     parser.add_argument("--keep_float_embeddings", action="store_true",
                         help="quantize: keep the embedding tables and the output projection float (as QLoRA)")
+    parser.add_argument("--quantized_matmul", default="dequantize",
+                        help="quantize: dequantize (weight-only, the default) or int8 (int8/int4 weights times "
+                        "dynamic int8 activations, layers/quantized_matmul.py)")
     parser.add_argument("--output", help="plot: the PNG to write; infer/score: the JSONL to write (default stdout)")
     parser.add_argument("--input", help="infer/score: prompts or pairs, text or JSONL ('-' = stdin)")
     parser.add_argument("--spec", help="sweep: the YAML sweep specification (configs/README.md)")
@@ -149,14 +153,15 @@ def export_peft(run_dir: str, output_dir: str) -> None:
     print(f"peft adapters: {output_dir}")
 
 
-def quantize(run_dirs, output_dir: str, scheme: str, keep_float_embeddings: bool = False) -> None:
+def quantize(run_dirs, output_dir: str, scheme: str, keep_float_embeddings: bool = False,
+             matmul: str = "dequantize") -> None:
     """The `quantize` mode: inference/quantize.py does the work."""
     if len(run_dirs) != 1 or not output_dir or not scheme:
         raise UsageError("quantize needs one --run_dir=DIR (a training run or import), --output_dir=DIR and "
                          "--scheme=int8|int4|nf4")
     from t5x_like.inference.quantize import quantize_checkpoint
 
-    out = quantize_checkpoint(run_dirs[0], output_dir, scheme, embeddings=not keep_float_embeddings)
+    out = quantize_checkpoint(run_dirs[0], output_dir, scheme, embeddings=not keep_float_embeddings, matmul=matmul)
     (total, total_q), (replaced, replaced_q) = out["bytes"]["total"], out["bytes"]["quantized"]
     rest = "norms, small kernels" + (", embeddings, logits_dense" if keep_float_embeddings else "")
     print(f"{scheme}: params {total:,} -> {total_q:,} bytes ({total_q / total:.1%}); quantized {replaced:,} -> "
@@ -291,7 +296,7 @@ def run_mode(args, bindings) -> None:
             raise UsageError("export_peft takes one --run_dir")
         export_peft(args.run_dir[0] if args.run_dir else None, args.output_dir)
     elif args.mode == "quantize":
-        quantize(args.run_dir, args.output_dir, args.scheme, args.keep_float_embeddings)
+        quantize(args.run_dir, args.output_dir, args.scheme, args.keep_float_embeddings, args.quantized_matmul)
     elif args.mode in ("infer", "score"):
         run_inference_mode(args.mode, args.gin_file, bindings, args.input, args.output)
     elif args.mode == "infer_eval":

@@ -9,7 +9,9 @@ float) and saves them as an import-style folder: `OUT/checkpoints/<step>/params`
 `embeddings=False` (`--keep_float_embeddings`) the embedding tables and `logits_dense` stay float,
 as QLoRA keeps them. `eval`, `infer`, `score` and `infer_eval` with `--gin_file=OUT/model.gin`
 restore the integer codes directly (their restore target is the quantized `param_shapes()`):
-nothing is re-quantized at load.
+nothing is re-quantized at load. `matmul="int8"` (`--quantized_matmul=int8`; int8 / int4 only)
+binds `quantized_matmul = 'int8'` too: layers then multiply int8-quantized activations by the codes
+(layers/quantized_matmul.py) instead of dequantizing the kernels; the checkpoint is the same.
 """
 
 from __future__ import annotations
@@ -52,9 +54,11 @@ def param_bytes(params, qparams) -> dict:
                           quantization.nbytes([q for _, q in replaced]))}
 
 
-def quantize_checkpoint(run_dir: str, output_dir: str, scheme: str, embeddings: bool = True) -> dict:
+def quantize_checkpoint(run_dir: str, output_dir: str, scheme: str, embeddings: bool = True,
+                        matmul: str = "dequantize") -> dict:
     """Write `run_dir`'s latest params quantized with `scheme` to `output_dir` (module docstring);
-    `embeddings`: quantize the embedding tables and `logits_dense` too.
+    `embeddings`: quantize the embedding tables and `logits_dense` too; `matmul`: the model.gin's
+    `quantized_matmul` ("dequantize" or "int8").
     Returns {'step', 'checkpoint', 'gin_file', 'bytes'} ('bytes': `param_bytes`)."""
     from t5x_like import gin_config
     from t5x_like.training import checkpointing
@@ -62,6 +66,10 @@ def quantize_checkpoint(run_dir: str, output_dir: str, scheme: str, embeddings: 
 
     if scheme not in quantization.SCHEMES:
         raise QuantizeError(f"--scheme={scheme} is not one of {', '.join(quantization.SCHEMES)}")
+    try:
+        quantization.check_matmul(scheme, matmul)
+    except ValueError as e:
+        raise QuantizeError(f"--quantized_matmul={matmul}: {e}") from None
     ckpt_dir = checkpointing.checkpoints_dir(output_dir)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise QuantizeError(f"--output_dir={output_dir} is a file; choose an empty or new folder")
@@ -73,12 +81,14 @@ def quantize_checkpoint(run_dir: str, output_dir: str, scheme: str, embeddings: 
     params, step = checkpointing.restore_params_and_step(run_dir, target=abstract_params(model))
     if model.weight_quantization is not None:  # already quantized (QLoRA, or a quantize output): float first
         params = quantization.dequantize_params(params)
-    qmodel = type(model)(model.config, lora=model.lora, weight_quantization=scheme, quantize_embeddings=embeddings)
+    qmodel = type(model)(model.config, lora=model.lora, weight_quantization=scheme, quantize_embeddings=embeddings,
+                         quantized_matmul=matmul)
     qparams = qmodel.quantize_params(params)
     step_dir = checkpointing.save_params(ckpt_dir, step, qparams)
     gin_file = os.path.join(output_dir, "model.gin")
+    kind = "weight-only quantization" if matmul == "dequantize" else "weight quantization with int8 activations"
     with open(gin_file, "w") as f:
-        f.write(gin_config.model_gin_text(qmodel, f"{scheme} weight-only quantization of {os.path.abspath(run_dir)} "
+        f.write(gin_config.model_gin_text(qmodel, f"{scheme} {kind} of {os.path.abspath(run_dir)} "
                                                   f"step {step} (python -m t5x_like.main quantize)"))
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(run_dir, name)):

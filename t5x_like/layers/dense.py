@@ -15,6 +15,7 @@ import flax.linen as nn
 from jax import lax
 
 from t5x_like.layers.quantization import QuantizedArray, dequantize
+from t5x_like.layers.quantized_matmul import int8_matmul
 
 Initializer = Callable[..., jnp.ndarray]
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -77,7 +78,11 @@ class DenseGeneral(nn.Module):
             # the kernel (as bitsandbytes' 4-bit matmul does), not a full-size copy per layer.
             if stored.full_shape != kernel_shape:
                 raise ValueError(f"quantized kernel of shape {stored.full_shape} does not match {kernel_shape}")
-            y = jax.checkpoint(lambda x, q: project(x, dequantize(q, dtype)))(x, stored)
+            if stored.matmul == "int8":  # int8 activations x integer codes (layers/quantized_matmul.py)
+                x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
+                y = int8_matmul(x, stored).astype(dtype)
+            else:
+                y = jax.checkpoint(lambda x, q: project(x, dequantize(q, dtype)))(x, stored)
         else:
             kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
                                 kernel_shape, self.param_dtype)

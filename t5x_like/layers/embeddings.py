@@ -18,7 +18,8 @@ class Embed(nn.Module):
     of the `quantize` mode). A lookup then gathers the ids' rows of codes and scales and dequantizes
     only those, which equals the lookup of the dequantized table exactly; `attend` dequantizes the
     table inside `jax.checkpoint` with its matmul (as `DenseGeneral` does: a backward pass keeps the
-    codes, not a float copy).
+    codes, not a float copy), also when the table's `matmul` is "int8" (the int8-activation path
+    is `DenseGeneral`'s: an untied `logits_dense` takes it, a tied `attend` does not).
     """
 
     num_embeddings: int

@@ -3,6 +3,8 @@
 A `QuantizedArray` holds a kernel as integer `codes` plus float32 absmax `scale`s and is
 dequantized on the fly where the kernel is read (`DenseGeneral`, `Embed`), so frozen base weights
 take 4 or 8 bits per value (QLoRA's base model, int8/int4 inference) while the math stays in `dtype`.
+Its static `matmul = "int8"` (int8 / int4 only) makes `DenseGeneral` multiply int8-quantized
+activations by the codes instead (layers/quantized_matmul.py); the stored arrays are the same.
 
 Layout. A kernel is `batch + in + out` axes: leading batch axes (the `layers` axis of a scanned
 stack, kept so that `nn.scan` slices codes and scale per layer), the contracted input axes, then the
@@ -45,6 +47,10 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 SCHEMES = ("nf4", "int4", "int8")
+# How a layer multiplies by a quantized kernel: "dequantize" (weight-only: the kernel in float, then
+# a float matmul; exact) or "int8" (int8 / int4 only: dynamic int8 activations and an integer dot,
+# layers/quantized_matmul.py).
+MATMULS = ("dequantize", "int8")
 DEFAULT_BLOCK_SIZE = {"nf4": 64, "int4": 128}
 
 # The 16 NormalFloat4 levels of QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of
@@ -68,7 +74,9 @@ class QuantizedArray:
     `shape` is the dequantized shape of one kernel, without batch axes: codes and scale may carry
     extra leading batch axes (a scanned stack's `layers` axis), which `dequantize` keeps, so that
     slicing them (as `nn.scan` does) still describes a valid array. The leading `in_ndim` axes of
-    `shape` are the input (contracted) axes; `dtype` is the dequantized dtype's name.
+    `shape` are the input (contracted) axes; `dtype` is the dequantized dtype's name. `matmul`
+    (`MATMULS`) tells `DenseGeneral` how to multiply by it; static, like the rest of the metadata,
+    so a restore target (`model.param_shapes()`) carries it and the checkpoint does not.
     """
 
     codes: jax.Array
@@ -78,6 +86,7 @@ class QuantizedArray:
     scheme: str = flax.struct.field(pytree_node=False)
     block_size: Optional[int] = flax.struct.field(pytree_node=False)  # None: int8 per output channel
     in_ndim: int = flax.struct.field(pytree_node=False, default=1)
+    matmul: str = flax.struct.field(pytree_node=False, default="dequantize")
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
@@ -112,14 +121,15 @@ def _unpack(codes, axis: int):
     return both.reshape(codes.shape[:axis] + (2 * codes.shape[axis],) + codes.shape[axis + 1:])
 
 
-def quantize(x, scheme: str, block_size: Optional[int] = None, in_axes=(0,)) -> QuantizedArray:
+def quantize(x, scheme: str, block_size: Optional[int] = None, in_axes=(0,),
+             matmul: str = "dequantize") -> QuantizedArray:
     """Quantize `x` (axes: batch + `in_axes` + output) with `scheme` ('nf4' | 'int4' | 'int8').
 
     `in_axes`: the contracted input axes of `x`, consecutive (negative ones count from the end);
     axes before them are batch axes (quantized independently), axes after them output axes.
     `block_size`: values per scale along the last input axis for nf4 (default 64) and int4 (default
-    128; the whole axis when shorter); int8 takes none (one scale per output channel). Pure jnp:
-    traceable under jit and `jax.eval_shape`.
+    128; the whole axis when shorter); int8 takes none (one scale per output channel). `matmul`:
+    see `MATMULS` ("int8" needs int8 or int4). Pure jnp: traceable under jit and `jax.eval_shape`.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; use one of {SCHEMES}")
@@ -129,8 +139,18 @@ def quantize(x, scheme: str, block_size: Optional[int] = None, in_axes=(0,)) -> 
         raise ValueError(f"in_axes {in_axes} must be consecutive axes of an array of rank {ndim}")
     if scheme == "int8" and block_size is not None:
         raise ValueError("int8 is quantized per output channel; block_size must be None")
+    check_matmul(scheme, matmul)
     # One compiled program per (shape, scheme) instead of dozens of eagerly dispatched ops.
-    return _quantize(x, scheme, block_size, in_axes)
+    return _quantize(x, scheme, block_size, in_axes).replace(matmul=matmul)
+
+
+def check_matmul(scheme: str, matmul: str) -> None:
+    """ValueError unless `matmul` is one of MATMULS and suits `scheme` (NF4 is dequantize-only)."""
+    if matmul not in MATMULS:
+        raise ValueError(f"unknown quantized matmul {matmul!r}; use one of {MATMULS}")
+    if matmul == "int8" and scheme == "nf4":
+        raise ValueError("nf4 codes index non-uniform levels and have no integer dot: int8 activations need "
+                         "int8 or int4 weights (nf4 is dequantize-only)")
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -229,7 +249,7 @@ OUTPUT_PROJECTION_REGEX = r"(^|/)logits_dense/"
 
 def quantize_params(params, scheme: str, targets_regex: str = KERNELS_REGEX, min_size: int = 4096,
                     block_size: Optional[int] = None, exclude_regex: Optional[str] = OUTPUT_PROJECTION_REGEX,
-                    in_axes_fn: Callable[[str, tuple], tuple[int, ...]] = param_in_axes):
+                    in_axes_fn: Callable[[str, tuple], tuple[int, ...]] = param_in_axes, matmul: str = "dequantize"):
     """`params` with every floating leaf whose '/'-joined path matches `targets_regex` (searched),
     does not match `exclude_regex` and has at least `min_size` values replaced by a
     QuantizedArray; norms, embeddings and biases (and small kernels) stay as they are by default.
@@ -237,9 +257,11 @@ def quantize_params(params, scheme: str, targets_regex: str = KERNELS_REGEX, min
     The defaults are QLoRA's: the untied output projection (`logits_dense`) is excluded, as QLoRA /
     Hugging Face keep `lm_head` unquantized, and the embedding tables do not match. A serving
     checkpoint quantizes both too: `targets_regex=WITH_EMBEDDINGS_REGEX, exclude_regex=None`.
-    `in_axes_fn(path, shape)` gives each leaf's input axes (see `param_in_axes`).
+    `in_axes_fn(path, shape)` gives each leaf's input axes (see `param_in_axes`); `matmul` is
+    stored on every QuantizedArray (`MATMULS`; `Embed` reads tables by dequantizing either way).
     Traceable: `jax.eval_shape(lambda p: quantize_params(p, "nf4"), abstract_params)` gives a
     restore target."""
+    check_matmul(scheme, matmul)
     pattern = re.compile(targets_regex)
     exclude = re.compile(exclude_regex) if exclude_regex else None
 
@@ -249,7 +271,7 @@ def quantize_params(params, scheme: str, targets_regex: str = KERNELS_REGEX, min
                 or np.prod(np.shape(x)) < min_size or not jnp.issubdtype(x.dtype, jnp.floating):
             return x
         try:
-            return quantize(x, scheme, block_size, in_axes_fn(name, tuple(np.shape(x))))
+            return quantize(x, scheme, block_size, in_axes_fn(name, tuple(np.shape(x))), matmul)
         except ValueError as e:
             raise ValueError(f"cannot quantize {name} {tuple(np.shape(x))} as {scheme}: {e}") from e
 

@@ -67,21 +67,32 @@ class BaseModel:
     head_regex: Optional[str] = None
 
     def __init__(self, config, lora: Optional[LoraConfig] = None, weight_quantization: Optional[str] = None,
-                 quantize_embeddings: bool = False):
+                 quantize_embeddings: bool = False, quantized_matmul: str = "dequantize"):
         """`lora`: LoRA adapters on the dense kernels it targets (layers/lora.py); the network is then
         a `LoraModule` and its params hold `lora_a` / `lora_b` beside each adapted kernel.
         `weight_quantization` ("nf4", "int4", "int8"): dense kernels are stored quantized
         (layers/quantization.py) and dequantized as each layer runs; frozen, as in QLoRA.
         `quantize_embeddings`: with `weight_quantization`, the embedding tables and the untied output
         projection `logits_dense` are stored quantized too (a `quantize` serving checkpoint); off,
-        they stay float as QLoRA keeps them."""
+        they stay float as QLoRA keeps them.
+        `quantized_matmul`: how `DenseGeneral` multiplies by a quantized kernel: "dequantize"
+        (weight-only, exact) or "int8" (int8 / int4 weights: dynamic per-token int8 activations and
+        an integer dot, layers/quantized_matmul.py; the faster decode on CPU)."""
         if weight_quantization is not None and weight_quantization not in quantization.SCHEMES:
             raise ModelCapabilityError(f"weight_quantization={weight_quantization!r} is not one of "
                                        f"{list(quantization.SCHEMES)} (or None)")
+        if quantized_matmul != "dequantize" and weight_quantization is None:
+            raise ModelCapabilityError(f"quantized_matmul={quantized_matmul!r} needs weight_quantization "
+                                       "'int8' or 'int4' (a quantize output's model.gin binds it)")
+        try:
+            quantization.check_matmul(weight_quantization, quantized_matmul)
+        except ValueError as e:
+            raise ModelCapabilityError(f"quantized_matmul={quantized_matmul!r}: {e}") from None
         self.config = config
         self.lora = lora
         self.weight_quantization = weight_quantization
         self.quantize_embeddings = bool(quantize_embeddings)
+        self.quantized_matmul = quantized_matmul
         self.module = self.network_cls(config)
         if lora is not None:
             self.module = LoraModule(self.module, lora)
@@ -166,7 +177,7 @@ class BaseModel:
             targets = quantization.KERNELS_REGEX
             exclude = quantization.OUTPUT_PROJECTION_REGEX + (f"|{self.head_regex}" if self.head_regex else "")
         return quantization.quantize_params(params, self.weight_quantization, targets_regex=targets,
-                                            exclude_regex=exclude)
+                                            exclude_regex=exclude, matmul=self.quantized_matmul)
 
     def param_shapes(self, batch: Optional[Mapping] = None, quantized: bool = True):
         """ShapeDtypeStructs of the 'params' tree (nothing allocated): restore and conversion targets."""

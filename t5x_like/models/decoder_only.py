@@ -98,8 +98,9 @@ class DecoderOnlyModel(BaseModel):
     can_prefill = True
 
     def __init__(self, config: DecoderOnlyConfig = gin.REQUIRED, lora: Optional[LoraConfig] = None,
-                 weight_quantization: Optional[str] = None, quantize_embeddings: bool = False):
-        super().__init__(config, lora, weight_quantization, quantize_embeddings)
+                 weight_quantization: Optional[str] = None, quantize_embeddings: bool = False,
+                 quantized_matmul: str = "dequantize"):
+        super().__init__(config, lora, weight_quantization, quantize_embeddings, quantized_matmul)
 
     def feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
         return dict.fromkeys(DECODER_FEATURES, task_feature_lengths.get("inputs", 0) + task_feature_lengths["targets"])

@@ -171,8 +171,9 @@ class EncoderClassifierModel(BaseModel):
     weights_feature = WEIGHTS
 
     def __init__(self, config: EncoderClassifierConfig = gin.REQUIRED, lora: Optional[LoraConfig] = None,
-                 weight_quantization: Optional[str] = None, quantize_embeddings: bool = False):
-        super().__init__(config, lora, weight_quantization, quantize_embeddings)
+                 weight_quantization: Optional[str] = None, quantize_embeddings: bool = False,
+                 quantized_matmul: str = "dequantize"):
+        super().__init__(config, lora, weight_quantization, quantize_embeddings, quantized_matmul)
 
     @property
     def regression(self) -> bool:

@@ -90,8 +90,9 @@ class EncoderDecoderModel(BaseModel):
     can_prefill = True
 
     def __init__(self, config: EncoderDecoderConfig = gin.REQUIRED, lora: Optional[LoraConfig] = None,
-                 weight_quantization: Optional[str] = None, quantize_embeddings: bool = False):
-        super().__init__(config, lora, weight_quantization, quantize_embeddings)
+                 weight_quantization: Optional[str] = None, quantize_embeddings: bool = False,
+                 quantized_matmul: str = "dequantize"):
+        super().__init__(config, lora, weight_quantization, quantize_embeddings, quantized_matmul)
 
     def feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
         enc, dec = task_feature_lengths["inputs"], task_feature_lengths["targets"]

@@ -89,8 +89,9 @@ class EncoderOnlyModel(BaseModel):
     weights_feature = "encoder_loss_weights"
 
     def __init__(self, config: EncoderOnlyConfig = gin.REQUIRED, lora: Optional[LoraConfig] = None,
-                 weight_quantization: Optional[str] = None, quantize_embeddings: bool = False):
-        super().__init__(config, lora, weight_quantization, quantize_embeddings)
+                 weight_quantization: Optional[str] = None, quantize_embeddings: bool = False,
+                 quantized_matmul: str = "dequantize"):
+        super().__init__(config, lora, weight_quantization, quantize_embeddings, quantized_matmul)
 
     def feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
         length = task_feature_lengths.get("inputs", task_feature_lengths.get("targets"))

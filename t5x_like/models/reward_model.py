@@ -102,7 +102,7 @@ def reward_model_from(model=gin.REQUIRED) -> "RewardModel":
                                    f"{type(model).__name__}")
     fields = {f.name: getattr(model.config, f.name) for f in dataclasses.fields(DecoderOnlyConfig)}
     return RewardModel(RewardModelConfig(**fields), lora=model.lora, weight_quantization=model.weight_quantization,
-                       quantize_embeddings=model.quantize_embeddings)
+                       quantize_embeddings=model.quantize_embeddings, quantized_matmul=model.quantized_matmul)
 
 
 def _no_decoding(model):
@@ -122,8 +122,9 @@ class RewardModel(DecoderOnlyModel):
     can_decode = False
 
     def __init__(self, config: RewardModelConfig = gin.REQUIRED, lora: Optional[LoraConfig] = None,
-                 weight_quantization: Optional[str] = None, quantize_embeddings: bool = False):
-        super().__init__(config, lora, weight_quantization, quantize_embeddings)
+                 weight_quantization: Optional[str] = None, quantize_embeddings: bool = False,
+                 quantized_matmul: str = "dequantize"):
+        super().__init__(config, lora, weight_quantization, quantize_embeddings, quantized_matmul)
 
     # ------------------------------------------------------------ features
 

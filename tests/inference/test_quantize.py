@@ -158,12 +158,34 @@ def test_eval_and_infer_cli_read_the_quantized_checkpoint(run, capsys, tmp_path)
     assert [json.loads(x)["tokens"] for x in open(out)] == [json.loads(x)["tokens"] for x in open(expected)]
 
 
+def test_quantize_cli_int8_activations(run, capsys, tmp_path):
+    """`--quantized_matmul=int8`: the int8 output's codes, a model.gin that binds quantized_matmul,
+    a restore whose QuantizedArrays carry it, and an eval (int8 activations) close to f32's."""
+    root, _, _ = run
+    out = tmp_path / "int8_a8"
+    assert main.main(["quantize", f"--run_dir={root / 'run'}", f"--output_dir={out}", "--scheme=int8",
+                      "--quantized_matmul=int8"]) == 0
+    assert "DecoderOnlyModel.quantized_matmul = 'int8'" in (out / "model.gin").read_text()
+    gin_config.parse([str(out / "model.gin")], [])
+    qmodel = gin_config.model_from_gin()
+    restored = checkpointing.restore_params(str(out), target=abstract_params(qmodel))
+    leaves = [x for x in jax.tree_util.tree_leaves(restored, is_leaf=is_q) if is_q(x)]
+    assert leaves and {x.matmul for x in leaves} == {"int8"}
+    jax.tree_util.tree_map(np.testing.assert_array_equal, checkpointing.restore_params(str(out)),
+                           checkpointing.restore_params(str(root / "int8")))
+    f32 = _eval_ppl(capsys, root / "run" / "model.gin", checkpoint=root / "run")
+    weight_only = _eval_ppl(capsys, root / "int8" / "model.gin", checkpoint=root / "int8")
+    a8 = _eval_ppl(capsys, out / "model.gin", checkpoint=out)
+    assert a8 != weight_only and abs(a8 / f32 - 1) < 0.01, (f32, weight_only, a8)
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--output_dir=OUT", "--scheme=int8"], "quantize needs one --run_dir"),
     (["--run_dir=RUN", "--output_dir=OUT"], "quantize needs one --run_dir"),
     (["--run_dir=RUN", "--output_dir=OUT", "--scheme=int3"], "--scheme=int3 is not one of"),
     (["--run_dir=RUN", "--output_dir=int8", "--scheme=int8"], "already holds checkpoints"),
     (["--run_dir=nowhere", "--output_dir=OUT", "--scheme=int8"], "has no config.gin or model.gin"),
+    (["--run_dir=RUN", "--output_dir=OUT", "--scheme=nf4", "--quantized_matmul=int8"], "nf4 is dequantize-only"),
 ])
 def test_user_errors_are_one_line(run, args, expected, capsys, tmp_path):
     root = run[0]
