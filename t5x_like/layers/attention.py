@@ -85,6 +85,9 @@ class MultiHeadAttention(nn.Module):
     # takes chunks of tokens at per-row positions (`positions_q`, -1 = padding); initialising
     # with a full-length input allocates the cache. `cross_cache`: see `_cross_kv`.
     decode: bool = False
+    # The cache is known to be empty (a prompt prefilled into a newly allocated cache): the chunk
+    # attends to itself only, skipping the score work against the cache's empty slots.
+    fresh_cache: bool = False
     cross_cache: bool = False
     sliding_window: Optional[int] = None  # the cache mask's; full-sequence masks carry it (kernels skip by it)
     # The caller's mask hides every key after its query: attend in query blocks of this size, each
@@ -114,10 +117,11 @@ class MultiHeadAttention(nn.Module):
         cache = {n: self.get_variable("cache", n) for n in kv_cache.NAMES if self.has_variable("cache", n)}
         window = self.sliding_window
         old_k, old_v = kv_cache.read(cache, k.dtype)
+        sources = [(k, v, kv_cache.visible_chunk(positions, window), positions)]
+        if not self.fresh_cache:
+            sources.insert(0, (old_k, old_v, kv_cache.visible_cached(cache, positions, window), cache["cached_pos"]))
         parts = []
-        for keys, values, visible, columns in (
-                (old_k, old_v, kv_cache.visible_cached(cache, positions, window), cache["cached_pos"]),
-                (k, v, kv_cache.visible_chunk(positions, window), positions)):
+        for keys, values, visible, columns in sources:
             additive = [jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]]
             if bias is not None:
                 additive.append(_group_heads(kv_cache.gather_columns(bias, columns), q.shape[2]))

@@ -305,9 +305,10 @@ class BaseModel:
         back, e.g. speculative decoding's gamma)."""
         raise NotImplementedError
 
-    def decode_chunk(self, params, cache, context, tokens, positions, length: int):
+    def decode_chunk(self, params, cache, context, tokens, positions, length: int, fresh_cache: bool = False):
         """(logits [rows, k, vocab] of the tokens after `tokens` [rows, k] at `positions` [rows, k]
-        (-1: padding, not written), new cache). Models with it set `can_prefill`."""
+        (-1: padding, not written), new cache). Models with it set `can_prefill`. `fresh_cache`: the
+        cache is newly allocated (empty), so the chunk attends to itself only (prefill)."""
         raise NotImplementedError
 
     def decode_step(self, params, cache, context, tokens, positions, length: int):
@@ -317,11 +318,12 @@ class BaseModel:
 
     def prefill_cache(self, params, cache, context, prefix, lengths, length: int):
         """(cache, step context): each row's prefix [rows, P] but its last token written into the cache
-        in one chunk (padding after `lengths` skipped); the loop then feeds that last token. The
+        in one chunk (padding after `lengths` skipped); the loop then feeds that last token. `cache`
+        must be newly allocated (`init_cache`): the chunk does not attend to it. The
         step context is what later `decode_chunk` calls take (`step_context`)."""
         columns = jnp.arange(prefix.shape[1])[None]
         positions = jnp.where(columns < lengths[:, None] - 1, columns, -1)
-        _, cache = self.decode_chunk(params, cache, context, prefix, positions, length)
+        _, cache = self.decode_chunk(params, cache, context, prefix, positions, length, fresh_cache=True)
         return cache, self.step_context(context)
 
     def step_context(self, context):

@@ -72,12 +72,12 @@ class DecoderOnly(NetworkBase):
                          causal_mask=decoder_causal_attention is None)
         return x if return_hidden else self.logits(x)
 
-    def decode_step(self, tokens, positions, decode_length: int):
+    def decode_step(self, tokens, positions, decode_length: int, fresh_cache: bool = False):
         """Logits for a chunk of tokens per row ([batch, k] at `positions`, -1: padding) through the
         KV cache. Apply with mutable=["cache"]; initialising with full-length tokens allocates it.
         """
         x = self.embed(tokens, jnp.maximum(positions, 0), True)
-        x = self.decoder(x, None, positions, decode=True, decode_length=decode_length)
+        x = self.decoder(x, None, positions, decode=True, decode_length=decode_length, fresh_cache=fresh_cache)
         return self.logits(x)
 
 
@@ -150,9 +150,9 @@ class DecoderOnlyModel(BaseModel):
                                                          method="decode_step"),
                                 self._cache_slots(length, window_slack), kv_cache_dtype)
 
-    def decode_chunk(self, params, cache, context, tokens, positions, length: int):
+    def decode_chunk(self, params, cache, context, tokens, positions, length: int, fresh_cache: bool = False):
         logits, mutated = self.module.apply({"params": params, "cache": cache}, tokens, positions, length,
-                                            method="decode_step", mutable=["cache"])
+                                            fresh_cache, method="decode_step", mutable=["cache"])
         return logits, mutated["cache"]
 
     def decode_logits(self, params, context, seq):

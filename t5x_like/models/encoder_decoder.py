@@ -56,14 +56,15 @@ class EncoderDecoder(NetworkBase):
                          causal_mask=True)
         return x if return_hidden else self.logits(x)
 
-    def decode_step(self, encoded, encoder_input_tokens, tokens, positions, decode_length: int):
+    def decode_step(self, encoded, encoder_input_tokens, tokens, positions, decode_length: int,
+                    fresh_cache: bool = False):
         """Decoder logits for a chunk of tokens per row through the self-attention KV cache (see
         DecoderOnly). Cross-attention keys / values of `encoded` are stored in the cache; with
         `encoded` None they are read from it (computed once per prompt)."""
         x = self.embed(tokens, jnp.maximum(positions, 0), True)
         cross_mask = make_cross_mask(jnp.ones_like(tokens), encoder_input_tokens)
         x = self.decoder(x, None, positions, encoded=encoded, cross_mask=cross_mask, decode=True,
-                         decode_length=decode_length)
+                         decode_length=decode_length, fresh_cache=fresh_cache)
         return self.logits(x)
 
     def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
@@ -140,11 +141,11 @@ class EncoderDecoderModel(BaseModel):
                                                          length, method="decode_step"),
                                 self._cache_slots(length, window_slack), kv_cache_dtype)
 
-    def decode_chunk(self, params, cache, context, tokens, positions, length: int):
+    def decode_chunk(self, params, cache, context, tokens, positions, length: int, fresh_cache: bool = False):
         """`context` (encoded, encoder tokens) computes and stores cross-attention keys / values;
         (None, encoder tokens), the `step_context`, reads the stored ones."""
         logits, mutated = self.module.apply({"params": params, "cache": cache}, *context, tokens, positions, length,
-                                            method="decode_step", mutable=["cache"])
+                                            fresh_cache, method="decode_step", mutable=["cache"])
         return logits, mutated["cache"]
 
     def step_context(self, context):

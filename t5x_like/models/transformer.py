@@ -40,6 +40,7 @@ class TransformerLayer(nn.Module):
     has_cross_attention: bool = False
     deterministic: bool = True
     decode: bool = False  # self-attention reads/writes the KV cache (a chunk of tokens per call)
+    fresh_cache: bool = False  # decode into an empty cache (prefill): attend within the chunk only
     use_moe: bool = False  # feed-forward block is a mixture of experts (layers/moe.py)
     causal_mask: bool = False  # the self-attention mask hides later keys (blocked attention may skip them)
 
@@ -52,13 +53,13 @@ class TransformerLayer(nn.Module):
         def norm(name):
             return Norm(cfg.norm_type, cfg.norm_epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
 
-        def attention(name, rotary, decode=False, causal=False, cross_cache=False):
+        def attention(name, rotary, decode=False, causal=False, cross_cache=False, fresh_cache=False):
             return MultiHeadAttention(
                 num_heads=cfg.num_heads, num_kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
                 use_bias=cfg.use_bias, scale_scores=cfg.scale_attention_scores,
                 rotary_theta=cfg.rotary_theta if rotary else None, dropout_rate=cfg.dropout_rate,
                 rope_scaling=cfg.rope_scaling if rotary else None,
-                deterministic=self.deterministic, dtype=dtype, param_dtype=param_dtype, decode=decode,
+                deterministic=self.deterministic, dtype=dtype, param_dtype=param_dtype, decode=decode, fresh_cache=fresh_cache,
                 sliding_window=cfg.sliding_window if decode or causal else None, causal=causal,
                 causal_query_block=cfg.causal_query_block if causal else 0, cross_cache=cross_cache,
                 attention_impl=cfg.attention_impl, name=name)
@@ -70,7 +71,8 @@ class TransformerLayer(nn.Module):
             return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
         rotary = cfg.position_embedding == "rotary"
-        x = residual(x, lambda h: attention("self_attention", rotary, self.decode, self.causal_mask)(
+        x = residual(x, lambda h: attention("self_attention", rotary, self.decode, self.causal_mask,
+                                          fresh_cache=self.fresh_cache)(
             h, h, mask, bias, positions, positions), "self_attention_norm")
         if self.has_cross_attention:
             # Decoding: keys / values of `encoded` stored once, read from the cache when it is None.
@@ -98,12 +100,14 @@ class TransformerStack(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, positions=None, encoded=None, cross_mask=None, deterministic=True,
-                 decode: bool = False, decode_length: Optional[int] = None, causal_mask: bool = False):
+                 decode: bool = False, decode_length: Optional[int] = None, causal_mask: bool = False,
+                 fresh_cache: bool = False):
         """decode: x holds a chunk of tokens per row at `positions` [batch, k] (-1: padding); attention
         uses the KV cache (layers/kv_cache.py) of up to `decode_length` positions, and the relative
         bias is that full table's rows at `positions`, indexed by key position.
         causal_mask: `mask` hides every key after its query (not prefix-LM), so self-attention
-        computes only the blocks on and below the diagonal (config.causal_query_block)."""
+        computes only the blocks on and below the diagonal (config.causal_query_block).
+        fresh_cache: decoding into an empty cache (a prefill): the chunk attends to itself only."""
         cfg = self.config
         dtype, param_dtype = dtypes(cfg)
         bias = None
@@ -122,7 +126,8 @@ class TransformerStack(nn.Module):
                                  prevent_cse=not cfg.scan_layers)
         args = (mask, bias, positions, encoded, cross_mask)
         make = lambda cls, name, moe=False: cls(cfg, self.has_cross_attention, deterministic,  # noqa: E731
-                                                decode=decode, use_moe=moe, causal_mask=causal_mask, name=name)
+                                                decode=decode, use_moe=moe, causal_mask=causal_mask,
+                                                fresh_cache=fresh_cache, name=name)
         if cfg.scan_layers:
             scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
