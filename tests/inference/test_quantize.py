@@ -89,8 +89,8 @@ def test_keep_float_embeddings_quantizes_only_the_kernels(run):
     assert "quantize_embeddings" not in open(root / "int8_kernels" / "model.gin").read()
 
 
-@pytest.mark.parametrize("scheme, embeddings, tol", [("int8", True, 0.02), ("int4", True, 0.35),
-                                                     ("int8", False, 0.01)])
+@pytest.mark.parametrize("scheme, embeddings, tol", [pytest.param("int8", True, 0.02, marks=pytest.mark.slow),
+                                                     ("int4", True, 0.35), ("int8", False, 0.01)])
 def test_eval_restore_equals_in_memory_quantization(run, scheme, embeddings, tol):
     """The restore eval / infer do (the quantized param_shapes() of the model the output's
     model.gin builds as target) gives the in-memory quantized params exactly, hence the same logits;

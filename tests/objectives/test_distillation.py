@@ -59,7 +59,8 @@ def _numpy_sums(student_logits, teacher, targets, weights, alpha, temperature, z
             "z_loss": (z * w).sum(), "teacher_match": (match * w).sum(), "tokens": w.sum()}
 
 
-@pytest.mark.parametrize("alpha,temperature", [(0.3, 2.0), (1.0, 1.0), (0.7, 0.5)])
+@pytest.mark.parametrize("alpha,temperature", [(0.3, 2.0), pytest.param(1.0, 1.0, marks=pytest.mark.slow),
+                                               pytest.param(0.7, 0.5, marks=pytest.mark.slow)])
 def test_sums_match_float64_numpy(alpha, temperature):
     batch = _with_teacher(_batch())
     params = _params(STUDENT, 2)
