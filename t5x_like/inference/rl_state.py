@@ -65,6 +65,9 @@ def state_shardings(model, optimizer, mesh, value_head: bool):
                          opt_state=opt_state_logical_axes(abstract.opt_state, axes, abstract.params))
     with partitioning.activation_context(mesh):
         shardings = partitioning.logical_to_sharding(logical, mesh)
+    # As the trainer's state: factored moments whose reduced axis was fsdp also split over fsdp.
+    shardings = shardings.replace(opt_state=partitioning.spread_state_shardings(shardings.opt_state,
+                                                                                 abstract.opt_state))
     target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract, shardings)
     return target, shardings
