@@ -39,7 +39,14 @@ class ReferenceError(UserError):
 
 @gin.configurable
 class FrozenReference:
-    """The reference model's params (restored by `load`) and the per-batch feature they give."""
+    """The reference model's params (restored by `load`) and the per-batch feature they give.
+
+    Subclasses change the feature (`FEATURE`, `_feature_fn`, `feature_shapes`) and the names errors use
+    (`ROLE`, `MODEL_SETTING`); restore, dtype and placement stay here."""
+
+    FEATURE = REFERENCE_FEATURE
+    ROLE = "reference"              # in error messages: "<ROLE> checkpoint ..."
+    MODEL_SETTING = "this run's model"  # what the checkpoint must fit
 
     def __init__(self, checkpoint: str = gin.REQUIRED, dtype: str = "float32", step: Optional[int] = None):
         if dtype not in DTYPES:
@@ -57,20 +64,25 @@ class FrozenReference:
         _, fresh = model.split_fresh_params(target)
         if jax.tree_util.tree_leaves(fresh):
             raise ReferenceError(f"{type(model).__name__} adds fresh parameters (LoRA adapters or a new head) that "
-                                 "no reference checkpoint holds; with LoRA use DPOLoss.reference='adapters_off' "
+                                 f"no {self.ROLE} checkpoint holds; with LoRA use DPOLoss.reference='adapters_off' "
                                  "and no train.reference")
         try:
             params = restore_params(self.checkpoint, step=self.step, target=target)
         except UserError as e:
-            raise ReferenceError(f"reference checkpoint {self.checkpoint} does not fit this run's model "
+            raise ReferenceError(f"{self.ROLE} checkpoint {self.checkpoint} does not fit {self.MODEL_SETTING} "
                                  f"({type(model).__name__}: same architecture and sizes needed): {e}") from None
         if self.dtype == "bfloat16":
             params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
         shardings = jax.tree_util.tree_map(lambda a: a.sharding, target)
         self._params = params
-        self._fn = jax.jit(lambda p, batch: reference_logps(model, _as_float32(p), batch),
-                           in_shardings=(shardings, None), out_shardings=partitioning.batch_sharding(mesh, 1))
+        fn, rank = self._feature_fn(model)
+        self._fn = jax.jit(lambda p, batch: fn(_as_float32(p), batch), in_shardings=(shardings, None),
+                           out_shardings=partitioning.batch_sharding(mesh, rank))
         return self
+
+    def _feature_fn(self, model):
+        """(fn(params, batch) -> the feature, its rank): each row's summed completion log-probability."""
+        return (lambda p, batch: reference_logps(model, p, batch)), 1
 
     @staticmethod
     def feature_shapes(batch_shapes: Mapping[str, tuple]) -> dict:
@@ -79,12 +91,12 @@ class FrozenReference:
         return {REFERENCE_FEATURE: ((rows,), jnp.float32)}
 
     def add_features(self, batch: Mapping, mesh) -> dict:
-        """`batch` (global arrays) plus `reference_logps` [rows], sharded over the batch axes."""
+        """`batch` (global arrays) plus the feature (`FEATURE`), sharded over the batch axes."""
         if self._fn is None:
-            raise RuntimeError("FrozenReference.load(model, mesh) must run before add_features")
+            raise RuntimeError(f"{type(self).__name__}.load(model, mesh) must run before add_features")
         with partitioning.activation_context(mesh):
-            logps = self._fn(self._params, batch)
-        return {**batch, REFERENCE_FEATURE: logps}
+            feature = self._fn(self._params, batch)
+        return {**batch, self.FEATURE: feature}
 
 
 def _as_float32(params):
@@ -104,6 +116,10 @@ class FrozenTeacher(FrozenReference):
         FrozenTeacher.model = %TARGET_MODEL
     """
 
+    FEATURE = TEACHER_FEATURE
+    ROLE = "teacher"
+    MODEL_SETTING = "FrozenTeacher.model"
+
     def __init__(self, checkpoint: str = gin.REQUIRED, model=gin.REQUIRED, dtype: str = "float32",
                  logits_dtype: str = "float32", step: Optional[int] = None):
         super().__init__(checkpoint, dtype, step)
@@ -119,25 +135,13 @@ class FrozenTeacher(FrozenReference):
             raise ReferenceError(f"the teacher ({type(teacher).__name__}, vocabulary {teacher.config.vocab_size}) and "
                                  f"the student ({type(model).__name__}, vocabulary {model.config.vocab_size}) need the "
                                  "same family and vocabulary; set FrozenTeacher.model to the teacher run's MODEL")
-        try:
-            super().load(teacher, mesh, batch_shapes)
-        except ReferenceError as e:
-            raise ReferenceError(str(e).replace("reference checkpoint", "teacher checkpoint")
-                                 .replace("this run's model", "FrozenTeacher.model")) from None
-        shardings = jax.tree_util.tree_map(lambda a: a.sharding, self._params)
-        self._fn = jax.jit(lambda p, batch: teacher_logits(teacher, _as_float32(p), batch, self.logits_dtype),
-                           in_shardings=(shardings, None), out_shardings=partitioning.batch_sharding(mesh, 3))
-        return self
+        return super().load(teacher, mesh, batch_shapes)
+
+    def _feature_fn(self, model):
+        """(fn(params, batch) -> the teacher's logits [rows, length, vocab], 3)."""
+        return (lambda p, batch: teacher_logits(model, p, batch, self.logits_dtype)), 3
 
     def feature_shapes(self, batch_shapes: Mapping[str, tuple]) -> dict:
         """The feature `add_features` adds: the teacher's logits, one vocabulary row per target position."""
         rows, length = batch_shapes[self.model.targets_feature][:2]
         return {TEACHER_FEATURE: ((rows, length, self.model.config.vocab_size), self.logits_dtype)}
-
-    def add_features(self, batch: Mapping, mesh) -> dict:
-        """`batch` (global arrays) plus `teacher_logits` [rows, length, vocab], sharded over the batch axes."""
-        if self._fn is None:
-            raise RuntimeError("FrozenTeacher.load(model, mesh) must run before add_features")
-        with partitioning.activation_context(mesh):
-            logits = self._fn(self._params, batch)
-        return {**batch, TEACHER_FEATURE: logits}
