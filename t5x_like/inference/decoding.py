@@ -286,6 +286,17 @@ def _generate(params, prompts, lengths, rng, *, model, max_new_tokens, method, t
     return tokens, gen_lengths, scores
 
 
+def check_method(method: str, methods, max_new_tokens: int, temperature: float) -> None:
+    """The settings every decoding entry point shares: a known method, >= 1 new token, a positive
+    sampling temperature."""
+    if method not in methods:
+        raise DecodingError(f"method={method!r}; use one of {methods}")
+    if max_new_tokens < 1:
+        raise DecodingError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if method == "sample" and not temperature > 0:
+        raise DecodingError(f"temperature={temperature} must be > 0 (use method='greedy' for argmax)")
+
+
 def checked_prompts(models, prompts, prompt_lengths, max_new_tokens: int):
     """(prompts, prompt_lengths) as int32 arrays (lengths default to the full width), checked against
     each of `models`: shape, maximum length and the model's own `check_prompts`."""
@@ -322,12 +333,7 @@ def generate(model: BaseModel, variables, prompts, *, prompt_lengths=None, max_n
     token per step (the old path; models without `can_prefill` always do). kv_cache_dtype: None
     (the model's dtype) or "int8".
     """
-    if method not in METHODS:
-        raise DecodingError(f"method={method!r}; use one of {METHODS}")
-    if max_new_tokens < 1:
-        raise DecodingError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    if method == "sample" and not temperature > 0:
-        raise DecodingError(f"temperature={temperature} must be > 0 (use method='greedy' for argmax)")
+    check_method(method, METHODS, max_new_tokens, temperature)
     if method == "beam" and num_beams < 1:
         raise DecodingError(f"num_beams={num_beams} must be at least 1")
     if kv_cache_dtype not in KV_CACHE_DTYPES:

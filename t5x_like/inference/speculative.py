@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5x_like.inference.decoding import DecodeResult, DecodingError, checked_prompts, process_logits
+from t5x_like.inference.decoding import DecodeResult, DecodingError, check_method, checked_prompts, process_logits
 from t5x_like.models.base import BaseModel
 
 METHODS = ("greedy", "sample")
@@ -159,12 +159,7 @@ def _speculate(tparams, dparams, prompts, lengths, rng, *, target, draft, gamma,
 def _check(target: BaseModel, draft: BaseModel, gamma: int, max_new_tokens: int, method: str, temperature: float):
     if not isinstance(gamma, (int, np.integer)) or gamma < 1:
         raise DecodingError(f"gamma={gamma!r} must be an integer >= 1 (draft tokens proposed per target pass)")
-    if method not in METHODS:
-        raise DecodingError(f"method={method!r}; speculative decoding takes one of {METHODS}")
-    if max_new_tokens < 1:
-        raise DecodingError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    if method == "sample" and not temperature > 0:
-        raise DecodingError(f"temperature={temperature} must be > 0 (use method='greedy' for argmax)")
+    check_method(method, METHODS, max_new_tokens, temperature)
     for role, m in (("target", target), ("draft", draft)):
         if not (m.can_decode and m.can_prefill):
             raise DecodingError(f"the {role} {type(m).__name__} cannot decode in chunks; speculative decoding needs "
