@@ -8,11 +8,10 @@ import numpy as np
 import optax
 import pytest
 
+from mesh_training import host_initial_state, train_on_mesh
 from t5x_like import partitioning
 from t5x_like.layers.moe_dropless import ExpertShardingError
 from t5x_like.models import DecoderOnlyConfig, DecoderOnlyModel
-from t5x_like.training import steps
-from t5x_like.training.train_state import TrainState, train_state_logical_axes
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices; see tests/conftest.py")
 
@@ -29,28 +28,14 @@ def _batch(rows=8, length=12, seed=0):
 
 @functools.lru_cache(maxsize=None)
 def _initial_state(cfg):
-    model, batch = DecoderOnlyModel(cfg), _batch()
-    state = TrainState.create(model, optax.adam(1e-2), jax.random.key(0), batch)
-    return jax.tree_util.tree_map(np.asarray, state), TrainState.abstract(model, optax.adam(1e-2), batch)
+    return host_initial_state(DecoderOnlyModel(cfg), optax.adam(1e-2), _batch())
 
 
 def _train(mesh_kw, cfg=CFG, num_steps=5):
     """Losses of `num_steps` Adam steps on the mesh (None: one device), the HLO, the last state."""
-    model, batch, optimizer = DecoderOnlyModel(cfg), _batch(), optax.adam(1e-2)
-    mesh = partitioning.create_mesh(**(mesh_kw or {}), devices=jax.devices()[:1] if mesh_kw is None else None)
-    initial, abstract = _initial_state(cfg)
-    with partitioning.activation_context(mesh):
-        shardings = partitioning.logical_to_sharding(train_state_logical_axes(model, abstract, batch), mesh)
-        state = jax.device_put(initial, shardings)
-        placed = {k: jax.device_put(v, partitioning.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
-        step = jax.jit(lambda s, b: steps.train_step(model, optimizer, s, b, dropout=False),
-                       in_shardings=(shardings, None), out_shardings=(shardings, None))
-        compiled = step.lower(state, placed).compile()
-        losses = []
-        for _ in range(num_steps):
-            state, metrics = compiled(state, placed)
-            losses.append(float(metrics["loss"]))
-    return np.asarray(losses), compiled.as_text(), state
+    history, compiled, state = train_on_mesh(DecoderOnlyModel(cfg), optax.adam(1e-2), *_initial_state(cfg), _batch(),
+                                             mesh_kw, num_steps)
+    return np.asarray([float(m["loss"]) for m in history]), compiled.as_text(), state
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from t5x_like import partitioning
+from mesh_training import host_initial_state, train_on_mesh
 from t5x_like.models import DecoderOnlyConfig, DecoderOnlyModel
 from t5x_like.training import steps
 from t5x_like.objectives import cross_entropy_sums
-from t5x_like.training.train_state import TrainState, train_state_logical_axes
+from t5x_like.training.train_state import TrainState
 from t5x_like.training.trainer import _step_scalars
 
 CFG = DecoderOnlyConfig(vocab_size=64, d_model=32, num_heads=4, head_dim=8, mlp_dim=32, num_layers=2,
@@ -64,31 +64,15 @@ def test_microbatches_match_one_batch():
 @functools.lru_cache(maxsize=1)
 def _initial_state():
     """One host copy of the initial state for every mesh (one init compile instead of three)."""
-    model, batch = DecoderOnlyModel(CFG), _batch()
-    state = TrainState.create(model, optax.adam(1e-2), jax.random.key(0), batch)
-    return jax.tree_util.tree_map(np.asarray, state), TrainState.abstract(model, optax.adam(1e-2), batch)
+    return host_initial_state(DecoderOnlyModel(CFG), optax.adam(1e-2), _batch())
 
 
 def _losses_on_mesh(mesh_kw, num_steps=20):
-    model = DecoderOnlyModel(CFG)
-    batch = _batch()
-    optimizer = optax.adam(1e-2)
-    devices = jax.devices()[:1] if mesh_kw is None else None
-    mesh = partitioning.create_mesh(**(mesh_kw or {}), devices=devices)
-    initial, abstract = _initial_state()
-    with partitioning.activation_context(mesh):
-        shardings = partitioning.logical_to_sharding(train_state_logical_axes(model, abstract, batch), mesh)
-        state = jax.device_put(initial, shardings)
-        placed = {k: jax.device_put(v, partitioning.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
-        step = jax.jit(lambda s, b: steps.train_step(model, optimizer, s, b, dropout=False),
-                       in_shardings=(shardings, None), out_shardings=(shardings, None))
-        losses, dropped = [], []
-        for _ in range(num_steps):
-            state, metrics = step(state, placed)
-            losses.append(float(metrics["loss"]))
-            dropped.append(float(metrics["moe_dropped_fraction"]))
+    history, _, state = train_on_mesh(DecoderOnlyModel(CFG), optax.adam(1e-2), *_initial_state(), _batch(),
+                                      mesh_kw, num_steps)
     wo = state.params["decoder"]["layers_1"]["mlp"]["wo"]
-    return np.asarray(losses), np.asarray(dropped), wo
+    return (np.asarray([float(m["loss"]) for m in history]),
+            np.asarray([float(m["moe_dropped_fraction"]) for m in history]), wo)
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices; see tests/conftest.py")
